@@ -55,7 +55,7 @@ from functools import cached_property
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import integrate, signal, special
+from scipy import integrate, special
 
 from .events import Event, Segment, to_segments
 
@@ -73,9 +73,10 @@ DEFAULT_ABSOLUTE_ERROR = 5e-4
 MAX_GRID = 1 << 24  # 16.8M points: ~130 MB per real array
 _FIRST_GRID = 1 << 13
 # Fractions of delta spent on the explicit error terms (they move epsilon very little).
-_ETA_FRACTION = 1e-3  # Hoeffding failure probability, as a fraction of delta
-_WINDOW_FRACTION = 1e-4  # mass outside the FFT window (each side)
-_TAIL_FRACTION = 1e-4  # truncated tail mass per step, times the number of steps
+# The explicit error terms are sized by one scale ``err`` (first 1e-3 * delta, smaller when
+# epsilon is sensitive to delta): Hoeffding failure probability ``err``, mass outside the
+# FFT window ``err / 10`` per side, truncated tail mass ``err / 10`` over all steps.
+_FIRST_ERROR_FRACTION = 1e-3
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,11 @@ class _Loss:
 
         lo = max(lo, -1e300)
         points = [p for p in (0.0, 0.5, 1.0) if lo < p < hi]
-        value, err = integrate.quad(integrand, lo, hi, points=points or None, limit=400, epsabs=1e-15, epsrel=1e-13)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", integrate.IntegrationWarning)
+            value, err = integrate.quad(integrand, lo, hi, points=points or None, limit=400, epsabs=1e-15, epsrel=1e-13)
+        if caught:  # quad could not reach its tolerance: do not trust its error estimate
+            err = max(err, 1e-12 + 1e-9 * abs(value))
         tail = float(self.cdf(a))
         return value + a * tail, abs(err) + 1e-15 * abs(value)
 
@@ -299,16 +304,18 @@ class _Chernoff:
             lo = float(np.nanmax(-(self.down - log_mass) / self.lams))
         return lo, hi
 
-    def tilt(self, delta: float) -> float:
-        """The FFT's tilt: half the Chernoff-optimal order for the tail probability ``delta``.
+    def tilt(self, delta: float, width: float, alias_budget: float, eps_hint: float = 0.0) -> float:
+        """The FFT's tilt: at most half the Chernoff-optimal order for the tail ``delta``.
 
-        Half leaves room between the tilt and the Chernoff order, so that the tilted
-        mass that wraps around the circular grid provably lands where it is damped.
+        The largest such order whose wrapped-around tilted mass, read at
+        ``eps_hint`` or above (bounded by ``upper_tail``), stays below ``alias_budget``.
         """
         with np.errstate(invalid="ignore"):
             best = float(self.lams[int(np.nanargmin((self.up - math.log(delta)) / self.lams))])
-        below = self.lams[self.lams <= 0.5 * best]
-        return float(below[-1]) if below.size else 0.0
+        for lam in self.lams[self.lams <= 0.5 * best][::-1]:
+            if self.upper_tail(eps_hint, width, float(lam)) <= alias_budget:
+                return float(lam)
+        return 0.0
 
     def upper_tail(self, x: float, extra_slope: float = 0.0, above: float = 0.0) -> float:
         """``min_lam exp(up(lam) - lam x - (lam - above) * extra_slope)`` over ``lam > above``."""
@@ -340,6 +347,8 @@ class _Curve:
 
     @cached_property
     def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from scipy import signal  # imported here: it costs ~0.5 s at start-up
+
         p, h = self.p, self.h
         decay = math.exp(-h)
         # C_j = sum_{i > j} p_i exp(-(i - j) h), by a backward first-order recursion
@@ -458,26 +467,48 @@ class _Direction:
     window_mass: float
     tv_tail: float
 
+    @property
+    def delta_gap(self) -> float:
+        """The part of ``upper - lower`` that comes from the error terms in delta."""
+        return self.upper - self.lower - 2 * self.t
 
-def _bounds_one_direction(steps: list[_Step], h: float, delta: float, max_grid: int) -> _Direction | None:
+
+def _bounds_one_direction(
+    steps: list[_Step], h: float, delta: float, err: float, max_grid: int, eps_hint: float = 0.0
+) -> _Direction | None:
+    """Bounds for one direction on mesh ``h``; ``None`` if the grid would exceed ``max_grid``.
+
+    ``eps_hint`` (a likely lower bound on epsilon, e.g. from a coarser pass) only
+    guides the choice of the tilt; every error term is evaluated at the points
+    where the answer is read.
+    """
     n_total = sum(s.steps for s in steps)
     grids = [s.on_grid(h) for s in steps]
-    eta = _ETA_FRACTION * delta
-    window_mass = _WINDOW_FRACTION * delta
+    eta = err
+    window_mass = err / 10
     chernoff = _Chernoff.of(grids)
     lo, hi = chernoff.window(window_mass)
     lo, hi = lo - 2 * h, hi + 2 * h
     n = sp_fft.next_fast_len(int(math.ceil((hi - lo) / h)) + 2, real=True)
     if n > max_grid:
         return None
-    curve = _compose(grids, chernoff, lo, n, chernoff.tilt(delta))
+    tilt = chernoff.tilt(delta, n * h, err / 100, max(0.0, eps_hint))
+    curve = _compose(grids, chernoff, lo, n, tilt)
     t = h * math.sqrt(n_total * math.log(1.0 / eta) / 2.0) + sum(g.step.steps * g.mean_error for g in grids)
     tv_tail = sum(s.steps * (s.inf_mass + float(s.loss.cdf(s.a))) for s in steps)
+    base = eta + 2 * window_mass
     estimate = curve.epsilon(delta)
-    floor = estimate - 4 * t - h
-    err = eta + 2 * window_mass + curve.numeric_error(floor)
-    upper = curve.epsilon(delta - err) + t
-    lower = curve.epsilon(delta + err + tv_tail) - t
+    # upper: the answer lies at or above the estimate, where the numeric error is at most this
+    upper = curve.epsilon(delta - base - curve.numeric_error(max(0.0, estimate))) + t
+    # lower: the answer lies below the estimate; evaluate the numeric error where it lands
+    x = max(0.0, estimate)
+    lower = -math.inf
+    for _ in range(4):
+        solution = curve.epsilon(delta + base + tv_tail + curve.numeric_error(x))
+        if solution >= x or x == 0.0:
+            lower = solution - t
+            break
+        x = max(0.0, solution - h)
     return _Direction(max(lower, 0.0), max(estimate, 0.0), max(upper, 0.0), curve, t, eta, window_mass, tv_tail)
 
 
@@ -495,9 +526,9 @@ def _check_accuracy(relative_error: float, absolute_error: float) -> None:
         raise ValueError(f"absolute_error must be > 0, e.g. 5e-4; got {absolute_error}")
 
 
-def _losses(segments: tuple[Segment, ...], delta: float) -> dict[bool, list[_Step]]:
+def _losses(segments: tuple[Segment, ...], err: float) -> dict[bool, list[_Step]]:
     n_total = sum(s.steps for s in segments)
-    tail_mass = max(_TAIL_FRACTION * delta / n_total, 1e-300)
+    tail_mass = max(err / 10 / n_total, 1e-300)
     out: dict[bool, list[_Step]] = {}
     for remove in (True, False):
         steps = []
@@ -538,36 +569,44 @@ def prv_epsilon_bounds(
         return EpsilonBounds(0.0, 0.0, 0.0)
     if any(s.noise_multiplier == 0.0 for s in segments):
         return EpsilonBounds(math.inf, math.inf, math.inf)
-    return _refine(_losses(segments, delta), delta, relative_error, absolute_error, max_grid)[0]
+    return _refine(segments, delta, relative_error, absolute_error, max_grid)[0]
 
 
-def _initial_mesh(losses: dict[bool, list[_Step]], delta: float) -> float:
+def _initial_mesh(losses: dict[bool, list[_Step]], err: float) -> float:
     """A coarse first mesh: about ``_FIRST_GRID`` points over the composed window."""
     widths = [s.b - s.a for steps in losses.values() for s in steps]
     probe = max(max(widths) / 1024.0, 1e-12)
     spans = []
     for steps in losses.values():
-        lo, hi = _Chernoff.of([s.on_grid(probe) for s in steps]).window(_WINDOW_FRACTION * delta)
+        lo, hi = _Chernoff.of([s.on_grid(probe) for s in steps]).window(err / 10)
         spans.append(hi - lo)
     return max(max(spans) / _FIRST_GRID, 1e-12)
 
 
 def _refine(
-    losses: dict[bool, list[_Step]], delta: float, rel: float, abs_: float, max_grid: int
+    segments: tuple[Segment, ...], delta: float, rel: float, abs_: float, max_grid: int
 ) -> tuple[EpsilonBounds, dict[bool, _Direction]]:
     """Refine each direction's mesh until ``upper - lower <= max(rel * lower, abs_)``.
 
     The direction with the larger epsilon is refined to the requested accuracy; the
     other only until its upper bound falls below the first one's lower bound (usually
-    at a much coarser mesh), since only the larger of the two is reported.
+    at a much coarser mesh), since only the larger of the two is reported. Where
+    epsilon is so sensitive to delta that the error terms in delta dominate the gap,
+    they are made 100 times smaller.
     """
-    n_total = sum(s.steps for s in losses[True])
-    per_mesh = math.sqrt(n_total * math.log(1.0 / (_ETA_FRACTION * delta)) / 2.0)  # t = h * per_mesh
-    h0 = _initial_mesh(losses, delta)
+    n_total = sum(s.steps for s in segments)
+    err = _FIRST_ERROR_FRACTION * delta
+    losses = _losses(segments, err)
+    h0 = _initial_mesh(losses, err)
     mesh = {True: h0, False: h0}
     results: dict[bool, _Direction] = {}
+
+    def run(d: bool, h: float) -> _Direction | None:
+        hint = results[d].lower if d in results else 0.0
+        return _bounds_one_direction(losses[d], h, delta, err, max_grid, hint)
+
     for remove in (True, False):
-        res = _bounds_one_direction(losses[remove], h0, delta, max_grid)
+        res = run(remove, h0)
         if res is None:
             raise RuntimeError(
                 f"PRV accounting needs a grid larger than max_grid={max_grid} even at its coarsest mesh; "
@@ -588,10 +627,18 @@ def _refine(
             lower = max(x.lower for x in results.values())
             if r.upper <= lower + goal:
                 continue
+            if r.delta_gap > 0.25 * goal and err > 1e-12 * delta:
+                # epsilon is flat in delta here: shrink the error terms in delta
+                err /= 100.0
+                losses = _losses(segments, err)
+                results = {k: run(k, mesh[k]) or results[k] for k in results}
+                progressed = True
+                break
             # the top direction needs t ~ goal / 2; a dominated one only needs to clear the top's lower bound
+            per_mesh = math.sqrt(n_total * math.log(1.0 / err) / 2.0)  # t = h * per_mesh
             t_needed = max(0.42 * goal, 0.8 * (lower + goal - r.estimate) / 2.0)
             h = min(max(t_needed / per_mesh, mesh[d] / 64.0), mesh[d] / 1.5)
-            res = _bounds_one_direction(losses[d], h, delta, max_grid)
+            res = run(d, h)
             if res is not None:
                 results[d], mesh[d], progressed = res, h, True
         if not progressed:
@@ -624,7 +671,8 @@ def prv_delta(
     """An upper bound on delta(epsilon) for ``event`` (add/remove-one).
 
     The grid is chosen as for epsilon: the bound is at most the exact delta at
-    ``epsilon - max(relative_error * epsilon, absolute_error)``.
+    ``epsilon - max(relative_error * epsilon, absolute_error)`` plus error terms of
+    about 1e-3 of the answer.
     """
     epsilon = float(epsilon)
     if not epsilon >= 0:
@@ -635,22 +683,24 @@ def prv_delta(
         return 0.0
     if any(s.noise_multiplier == 0.0 for s in segments):
         return 1.0
-    # size the error terms from a first estimate of delta, then once more from the answer
-    guess = 1e-10
-    for _ in range(3):
-        losses = _losses(segments, guess)
-        n_total = sum(s.steps for s in segments)
-        t_target = 0.45 * max(relative_error * epsilon, absolute_error)
-        h = t_target / math.sqrt(n_total * math.log(1.0 / (_ETA_FRACTION * guess)) / 2.0)
+    # size the error terms and the tilt from a guess of delta, then again from the answer
+    n_total = sum(s.steps for s in segments)
+    t_target = 0.45 * max(relative_error * epsilon, absolute_error)
+    guess, out = 1e-10, 1.0
+    for _ in range(4):
+        err = _FIRST_ERROR_FRACTION * guess
+        losses = _losses(segments, err)
+        h = t_target / math.sqrt(n_total * math.log(1.0 / err) / 2.0)
         out = 0.0
         for remove in (True, False):
-            res = None
+            res = _bounds_one_direction(losses[remove], h, guess, err, max_grid)
             while res is None:
-                res = _bounds_one_direction(losses[remove], h, guess, max_grid)
-                h *= 2.0 if res is None else 1.0
-            err = res.eta + 2 * res.window_mass
-            out = max(out, res.curve.delta(epsilon - res.t) + err)
-        if out >= guess * 0.5 or guess <= 1e-300:
-            return min(1.0, out)
-        guess = max(out, 1e-300)
+                h *= 2.0
+                res = _bounds_one_direction(losses[remove], h, guess, err, max_grid)
+            x = epsilon - res.t
+            bound = res.curve.delta(x) + res.eta + 2 * res.window_mass + res.curve.numeric_error(max(0.0, x))
+            out = max(out, bound)
+        if 0.1 * guess <= out <= 10 * guess or out <= 1e-300:
+            break
+        guess = min(max(out, 1e-300), 0.5)
     return min(1.0, out)
