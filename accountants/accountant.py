@@ -26,6 +26,7 @@ ever sampled by such a step (such steps are (0, that)-DP; basic composition).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -83,7 +84,7 @@ def _positive(name: str, value: object) -> float:
     return x
 
 
-class _Accountant:
+class _Accountant(abc.ABC):
     """History, merging, caching and state for both accountants; subclasses do the maths."""
 
     name: ClassVar[str]
@@ -257,20 +258,25 @@ class _Accountant:
         self._cache.clear()
 
     # -- per-accountant ----------------------------------------------------------------------
+    @abc.abstractmethod
     def _event_epsilon(self, event: ComposedEvent, delta: float) -> float:
-        raise NotImplementedError
+        """Implemented by each accountant."""
 
+    @abc.abstractmethod
     def _event_delta(self, event: ComposedEvent, epsilon: float) -> float:
-        raise NotImplementedError
+        """Implemented by each accountant."""
 
+    @abc.abstractmethod
     def _settings(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Implemented by each accountant."""
 
+    @abc.abstractmethod
     def _check_settings(self, settings: Mapping[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """Implemented by each accountant."""
 
+    @abc.abstractmethod
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        """Implemented by each accountant."""
 
     def _settings_repr(self) -> str:
         return ""
@@ -282,13 +288,21 @@ class RDPAccountant(_Accountant):
     Args:
         orders: the Renyi orders (> 1) over which the conversion to (epsilon, delta) is
             optimised; ``accountants.rdp.DEFAULT_ORDERS`` by default.
+        fractional: how fractional orders are summed: ``"dp_accounting"`` (the default:
+            equal to dp-accounting's RdpAccountant, a valid but at small fractional orders
+            loose bound) or ``"exact"`` (the signed series: the true RDP, never above it).
+            See :mod:`accountants.rdp`.
     """
 
     name = "rdp"
 
-    def __init__(self, orders: Sequence[float] = DEFAULT_ORDERS) -> None:
+    def __init__(self, orders: Sequence[float] = DEFAULT_ORDERS, fractional: str = "dp_accounting") -> None:
         super().__init__()
-        self._apply_settings(self._check_settings({"orders": orders}))
+        self._apply_settings(self._check_settings({"orders": orders, "fractional": fractional}))
+
+    @property
+    def fractional(self) -> str:
+        return self._fractional
 
     @property
     def orders(self) -> tuple[float, ...]:
@@ -296,7 +310,9 @@ class RDPAccountant(_Accountant):
 
     def _rdp(self, event: ComposedEvent) -> np.ndarray:
         # The RDP vector serves every delta and epsilon query on this history.
-        return self._cached(("rdp", 0.0), lambda: np.asarray(compute_rdp(event, self._orders), dtype=float))
+        return self._cached(
+            ("rdp", 0.0), lambda: np.asarray(compute_rdp(event, self._orders, fractional=self._fractional), dtype=float)
+        )
 
     def _event_epsilon(self, event: ComposedEvent, delta: float) -> float:
         return float(rdp_to_epsilon(self._orders, self._rdp(event), delta)[0])
@@ -305,7 +321,7 @@ class RDPAccountant(_Accountant):
         return float(rdp_to_delta(self._orders, self._rdp(event), epsilon)[0])
 
     def _settings(self) -> dict[str, Any]:
-        return {"orders": list(self._orders)}
+        return {"orders": list(self._orders), "fractional": self._fractional}
 
     def _check_settings(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         orders = settings.get("orders", DEFAULT_ORDERS)
@@ -315,14 +331,19 @@ class RDPAccountant(_Accountant):
         bad = [a for a in values if not 1.0 < a < math.inf]
         if bad:
             raise ValueError(f"every Renyi order must be a finite number > 1; got {bad[:3]}")
-        return {"orders": values}
+        fractional = settings.get("fractional", "dp_accounting")
+        if fractional not in ("dp_accounting", "exact"):
+            raise ValueError(f"fractional must be 'dp_accounting' or 'exact'; got {fractional!r}")
+        return {"orders": values, "fractional": fractional}
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
         self._orders = tuple(settings["orders"])
+        self._fractional = settings["fractional"]
         self._cache.clear()
 
     def _settings_repr(self) -> str:
-        return "" if self._orders == tuple(DEFAULT_ORDERS) else f"orders=<{len(self._orders)}>, "
+        out = "" if self._orders == tuple(DEFAULT_ORDERS) else f"orders=<{len(self._orders)}>, "
+        return out + ("" if self._fractional == "dp_accounting" else f"fractional={self._fractional!r}, ")
 
 
 class PRVAccountant(_Accountant):

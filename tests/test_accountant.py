@@ -341,3 +341,14 @@ def test_numpy_scalars_are_accepted(kind):
     acc.step(np.float64(1.0), np.float32(0.01), np.int64(100))
     assert acc.history == [(1.0, float(np.float32(0.01)), 100)]
     assert acc.get_epsilon(np.float64(DELTA)) > 0
+
+
+def test_rdp_exact_fractional_orders_are_tighter_and_round_trip():
+    loose = RDPAccountant().step(10.0, 0.1, 50)
+    exact = RDPAccountant(fractional="exact").step(10.0, 0.1, 50)
+    assert exact.get_epsilon(DELTA) <= loose.get_epsilon(DELTA)
+    again = RDPAccountant()
+    again.load_state_dict(exact.state_dict())
+    assert again.fractional == "exact" and again.get_epsilon(DELTA) == exact.get_epsilon(DELTA)
+    with pytest.raises(ValueError, match="fractional"):
+        RDPAccountant(fractional="fast")
