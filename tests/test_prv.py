@@ -144,3 +144,13 @@ def test_grid_cap_returns_a_valid_but_looser_bound():
         bounds = prv_epsilon_bounds(dpsgd_event(2.0, 1.0, 10), 1e-6, relative_error=1e-6, max_grid=1 << 15)
     assert any("max_grid" in str(w.message) for w in caught)
     assert bounds.lower <= exact <= bounds.upper
+
+
+def test_heavy_tailed_step_among_many_light_ones_at_tiny_delta():
+    # one step with small sigma limits the FFT's tilt; the window is widened instead
+    segments = ((2.508285254404614, 0.0003558697747137715, 82937), (0.5260979022253094, 0.0029065253607306134, 1),
+                (6.580100304017928, 0.00015350863441340973, 2))
+    bounds = prv_epsilon_bounds(_event(segments), 5.2418253944430554e-12)
+    assert bounds.upper - bounds.lower <= 0.008 * bounds.lower
+    reference, _ = pld_epsilon(segments, 5.2418253944430554e-12)
+    assert abs(bounds.upper / reference - 1) <= 0.01
