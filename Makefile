@@ -1,0 +1,63 @@
+# dpclip: make demo | make test | make bench | make clean
+#
+# Every target creates .venv when it is missing and installs what it needs.
+# torch is installed first, pinned to 2.13.0 (the CPU build this machine has on
+# disk), and only when `import torch` fails in the venv; the package's own
+# `torch>=2.6` range is then already satisfied, so pip pulls no other torch build.
+# Stamp files keep a second `make test` from reinstalling; they depend on
+# pyproject.toml, so editing dependencies triggers a reinstall.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+export MPLBACKEND := Agg
+
+.PHONY: all test demo bench clean distclean venv install install-dev
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# the runtime install (demo); the dev install below also refreshes it
+$(VENV)/.stamp-base: pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e .
+	@touch $@
+
+# the dev install (tests, benchmarks): pytest, hypothesis and the reference libraries
+$(VENV)/.stamp-dev: pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(VENV)/.stamp-base $@
+
+venv: $(PY)
+install: $(VENV)/.stamp-base
+install-dev: $(VENV)/.stamp-dev
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest -q
+
+# For now the demo is a privacy-budget example with the accountants and the budget CLI.
+# A later issue replaces it with a real private training run (dpclip train).
+demo: $(VENV)/.stamp-base
+	@mkdir -p out
+	$(VENV)/bin/dpclip budget epsilon --noise-multiplier 1.1 --sample-rate 0.004267 --epochs 60 --delta 1e-5 --accountant all
+	$(VENV)/bin/dpclip budget noise --target-epsilon 3 --delta 1e-5 --sample-rate 0.004267 --epochs 60
+	$(VENV)/bin/dpclip budget plot --noise-multiplier 1.1 --sample-rate 0.004267 --epochs 60 --delta 1e-5 -o out/epsilon.png
+
+bench: $(VENV)/.stamp-dev
+	$(PY) experiments/benchmarks/accountants.py $(BENCH_ARGS)
+
+clean:
+	rm -rf out build dist .pytest_cache .hypothesis *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# clean plus the virtualenv
+distclean: clean
+	rm -rf $(VENV)
