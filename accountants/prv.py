@@ -255,11 +255,11 @@ class _GridStep:
     def log_mgf(self, lams: np.ndarray) -> np.ndarray:
         """Upper bounds on ``log E[exp(lam Y'); Y' finite]`` for each ``lam`` (shape [L]).
 
-        Cells are grouped in at most 512 blocks; within a block the convex
+        Cells are grouped in at most 256 blocks; within a block the convex
         ``exp(lam y)`` lies below its chord, so the chord at the block's mean bounds it.
         """
         m = self.masses
-        size = max(1, -(-m.size // 512))
+        size = max(1, -(-m.size // 256))
         starts = np.arange(0, m.size, size)
         w = np.add.reduceat(m, starts)
         mu = np.add.reduceat(m * np.arange(m.size, dtype=float), starts)
@@ -277,7 +277,7 @@ class _GridStep:
         return out + np.asarray(lams, dtype=float) * (self.k_lo * h + self.shift)
 
 
-_LAMS = np.geomspace(1e-3, 1e3, 49)
+_LAMS = np.geomspace(1e-3, 1e3, 31)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,450 @@
+"""Per-layer per-sample gradient rules.
+
+Each rule is a set of pure functions of ``(module, activations, backprops)`` for a batch of
+``B`` samples, where ``activations`` is the layer's input as seen in forward and ``backprops``
+is ``dL/d(output)`` with ``L`` the *sum* of the per-sample losses. The per-sample gradient of
+sample ``i`` therefore depends only on ``activations[i]`` and ``backprops[i]``.
+
+A :class:`LayerRule` gives three things for a layer:
+
+``per_sample_grads(module, a, g)``
+    ``{param name: [B, *param.shape]}``, the materialised per-sample gradients.
+``sq_norms(module, a, g)``
+    ``{param name: [B]}``, the per-sample squared L2 norm of each parameter's gradient. For
+    Linear, Conv and Embedding weights this uses the ghost norm (Goodfellow 2015; Li et al.
+    2022; Bu et al. 2023) when it is cheaper than materialising (:func:`use_ghost`).
+``clipped_sum(module, a, g, scales)``
+    ``{param name: sum_i scales[name][i] * g_i}`` with the parameter's shape, computed as one
+    contraction of the scaled output gradients with the activations (book-keeping), without
+    building the ``[B, *shape]`` tensor for Linear, Conv and Embedding.
+
+Only trainable parameters (``requires_grad``) appear in the dicts. All functions are
+device- and dtype-agnostic, accept ``B == 0`` and run under ``torch.no_grad``.
+
+Linear algebra used (per sample, dropping the sample index): with activations
+``a [T, d]`` and output gradients ``g [T, p]``, the weight gradient is ``g^T a`` and
+
+    ||g^T a||_F^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) = sum((a a^T) * (g g^T)),
+
+which costs ``O(T^2 (d + p))`` instead of ``O(T d p)`` memory/time for the materialised form.
+Conv layers reduce to Linear through unfolding (``T`` = output positions, ``d`` = in channels
+per group times kernel size, ``p`` = out channels per group); Embedding is a Linear layer on
+one-hot inputs, so ``a_t . a_s = [x_t == x_s]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
+
+Grads = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """The per-sample gradient rule of one layer type (see the module docstring)."""
+
+    per_sample_grads: Callable[[nn.Module, torch.Tensor, torch.Tensor], Grads]
+    sq_norms: Callable[[nn.Module, torch.Tensor, torch.Tensor], Grads]
+    clipped_sum: Callable[[nn.Module, torch.Tensor, torch.Tensor, Grads], Grads]
+    # Raises ValueError (with the fix) for a module configuration no engine can support.
+    check: Callable[[nn.Module], None] | None = None
+
+
+def use_ghost(T: int, d: int, p: int) -> bool:
+    """fastDP's rule: the ghost norm (``2 T^2`` work) beats materialising (``d p``)."""
+    return 2 * T * T < d * p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _trainable(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+def _scale(scales: Grads, name: str, like: torch.Tensor) -> torch.Tensor:
+    s = scales[name]
+    return s.to(device=like.device, dtype=like.dtype)
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared norm of ``x [B, ...]``."""
+    return x.flatten(1).pow(2).sum(1) if x.dim() > 1 else x.pow(2)
+
+
+def _weighted_sum(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_i s_i x_i`` for ``x [B, ...]``."""
+    return torch.tensordot(s, x, dims=1)
+
+
+def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``||g_i^T a_i||_F^2`` for ``a [B, T, d]``, ``g [B, T, p]`` via Gram matrices: ``[B]``."""
+    aa = torch.bmm(a, a.transpose(1, 2))
+    gg = torch.bmm(g, g.transpose(1, 2))
+    return (aa * gg).flatten(1).sum(1)
+
+
+def _materialised_rule(
+    per_sample: Callable[[nn.Module, torch.Tensor, torch.Tensor], Grads],
+    check: Callable[[nn.Module], None] | None = None,
+) -> LayerRule:
+    """A rule for layers whose per-sample gradients are small (norm layers)."""
+
+    def sq_norms(module, activations, backprops):
+        return {n: _sq(gs) for n, gs in per_sample(module, activations, backprops).items()}
+
+    def clipped_sum(module, activations, backprops, scales):
+        return {
+            n: _weighted_sum(_scale(scales, n, gs), gs)
+            for n, gs in per_sample(module, activations, backprops).items()
+        }
+
+    return LayerRule(
+        per_sample_grads=torch.no_grad()(per_sample),
+        sq_norms=torch.no_grad()(sq_norms),
+        clipped_sum=torch.no_grad()(clipped_sum),
+        check=check,
+    )
+
+
+# --------------------------------------------------------------------------- Linear
+
+
+def _linear_flat(activations: torch.Tensor, backprops: torch.Tensor):
+    """``a [B, T, d]``, ``g [B, T, p]`` from ``[B, ..., d]`` and ``[B, ..., p]``."""
+    a = activations.flatten(1, -2) if activations.dim() > 2 else activations.unsqueeze(1)
+    g = backprops.flatten(1, -2) if backprops.dim() > 2 else backprops.unsqueeze(1)
+    return a, g.to(a.dtype)
+
+
+@torch.no_grad()
+def _linear_psg(module: nn.Linear, activations, backprops) -> Grads:
+    a, g = _linear_flat(activations, backprops)
+    out: Grads = {}
+    if _trainable(module, "weight"):
+        out["weight"] = torch.einsum("btp,btd->bpd", g, a)
+    if _trainable(module, "bias"):
+        out["bias"] = g.sum(1)
+    return out
+
+
+@torch.no_grad()
+def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
+    a, g = _linear_flat(activations, backprops)
+    out: Grads = {}
+    if _trainable(module, "weight"):
+        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        if use_ghost(T, d, p):
+            out["weight"] = _ghost_sq(a, g)
+        else:
+            out["weight"] = _sq(torch.einsum("btp,btd->bpd", g, a))
+    if _trainable(module, "bias"):
+        out["bias"] = _sq(g.sum(1))
+    return out
+
+
+@torch.no_grad()
+def _linear_clipped(module: nn.Linear, activations, backprops, scales) -> Grads:
+    a, g = _linear_flat(activations, backprops)
+    out: Grads = {}
+    if _trainable(module, "weight"):
+        s = _scale(scales, "weight", g)
+        gs = g * s[:, None, None]
+        out["weight"] = gs.reshape(-1, gs.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    if _trainable(module, "bias"):
+        s = _scale(scales, "bias", g)
+        out["bias"] = torch.einsum("b,btp->p", s, g)
+    return out
+
+
+LINEAR_RULE = LayerRule(_linear_psg, _linear_sq, _linear_clipped)
+
+
+# --------------------------------------------------------------------------- Conv
+
+
+def _conv_pads(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """(left, right) padding per spatial dim, as the module's forward applies it."""
+    n = len(module.kernel_size)
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return [(0, 0)] * n
+        if module.padding == "same":
+            pads = []
+            for k, dil in zip(module.kernel_size, module.dilation):
+                total = dil * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return pads
+        raise ValueError(f"unknown conv padding {module.padding!r}")
+    return [(int(p), int(p)) for p in module.padding]
+
+
+def _conv_unfold(module: nn.modules.conv._ConvNd, activations, backprops):
+    """Reduce a conv to per-group Linear maps.
+
+    Returns ``a [B, L, G, Cg*K]`` (unfolded input patches, channel-major then kernel offsets,
+    matching ``weight[o].flatten()``) and ``g [B, L, G, Og]`` (output gradients), with ``L`` the
+    number of output positions, ``G`` groups, ``Cg`` input channels and ``Og`` output channels
+    per group, ``K`` the kernel size.
+    """
+    n = len(module.kernel_size)
+    B, C = activations.shape[0], activations.shape[1]
+    G = module.groups
+    x = activations
+    pads = _conv_pads(module)
+    if any(l or r for l, r in pads):
+        flat = [v for l_r in reversed(pads) for v in l_r]  # F.pad wants the last dim first
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, flat, mode=mode)
+    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        # adds a trailing window dim of size dil*(k-1)+1; keep every dil-th element
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
+    if any(d != 1 for d in module.dilation):
+        x = x[(Ellipsis, *[slice(None, None, d) for d in module.dilation])]
+    # x: [B, C, L1..Ln, k1..kn] -> [B, L1..Ln, C, k1..kn]
+    perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
+    x = x.permute(perm)
+    L = math.prod(x.shape[1 : 1 + n])
+    K = math.prod(module.kernel_size)
+    a = x.reshape(B, L, G, (C // G) * K)
+    O = backprops.shape[1]
+    g = backprops.flatten(2).transpose(1, 2).reshape(B, L, G, O // G).to(a.dtype)
+    if g.shape[1] != L:  # pragma: no cover - guards against a mismatched capture
+        raise ValueError(f"conv rule: {g.shape[1]} output positions but {L} unfolded patches")
+    return a, g
+
+
+def _conv_bias_grad(backprops: torch.Tensor) -> torch.Tensor:
+    return backprops.flatten(2).sum(2)
+
+
+@torch.no_grad()
+def _conv_psg(module, activations, backprops) -> Grads:
+    out: Grads = {}
+    B = activations.shape[0]
+    if _trainable(module, "weight"):
+        a, g = _conv_unfold(module, activations, backprops)
+        out["weight"] = torch.einsum("blgo,blgk->bgok", g, a).reshape(B, *module.weight.shape)
+    if _trainable(module, "bias"):
+        out["bias"] = _conv_bias_grad(backprops).to(activations.dtype)
+    return out
+
+
+@torch.no_grad()
+def _conv_sq(module, activations, backprops) -> Grads:
+    out: Grads = {}
+    if _trainable(module, "weight"):
+        a, g = _conv_unfold(module, activations, backprops)
+        B, L, G, d = a.shape
+        p = g.shape[-1]
+        if use_ghost(L, d, p):
+            # one ghost norm per group; groups fold into the batch dim
+            a2 = a.permute(0, 2, 1, 3).reshape(B * G, L, d)
+            g2 = g.permute(0, 2, 1, 3).reshape(B * G, L, p)
+            out["weight"] = _ghost_sq(a2, g2).reshape(B, G).sum(1)
+        else:
+            out["weight"] = _sq(torch.einsum("blgo,blgk->bgok", g, a))
+    if _trainable(module, "bias"):
+        out["bias"] = _sq(_conv_bias_grad(backprops).to(activations.dtype))
+    return out
+
+
+@torch.no_grad()
+def _conv_clipped(module, activations, backprops, scales) -> Grads:
+    out: Grads = {}
+    if _trainable(module, "weight"):
+        a, g = _conv_unfold(module, activations, backprops)
+        s = _scale(scales, "weight", g)
+        gs = g * s[:, None, None, None]
+        out["weight"] = torch.einsum("blgo,blgk->gok", gs, a).reshape(module.weight.shape)
+    if _trainable(module, "bias"):
+        bg = _conv_bias_grad(backprops).to(activations.dtype)
+        out["bias"] = _weighted_sum(_scale(scales, "bias", bg), bg)
+    return out
+
+
+CONV_RULE = LayerRule(_conv_psg, _conv_sq, _conv_clipped)
+
+
+# --------------------------------------------------------------------------- Embedding
+
+
+def _embedding_check(module: nn.Embedding) -> None:
+    if module.max_norm is not None:
+        raise ValueError(
+            "nn.Embedding with max_norm is not supported for private training: its forward "
+            "renormalises the embedding rows it looks up, in place, from the private batch, so "
+            "the released weights depend on data outside the clipped gradient and no "
+            "per-sample gradient accounts for it. Fix: construct the Embedding with "
+            "max_norm=None (and, if you need bounded rows, renormalise explicitly on public "
+            "data or after the optimizer step)."
+        )
+    if module.sparse:
+        raise ValueError(
+            "nn.Embedding(sparse=True) is not supported: per-sample clipping and Gaussian noise "
+            "make the gradient dense anyway. Fix: construct the Embedding with sparse=False."
+        )
+
+
+def _embedding_flat(module: nn.Embedding, activations: torch.Tensor, backprops: torch.Tensor):
+    """``x [B, T]`` indices and ``g [B, T, D]`` with padding rows and frequency scaling applied."""
+    _embedding_check(module)
+    x = (activations.flatten(1) if activations.dim() > 1 else activations.unsqueeze(1)).long()
+    g = backprops.reshape(*x.shape, module.embedding_dim).to(module.weight.dtype)
+    if module.padding_idx is not None:
+        g = g.masked_fill((x == module.padding_idx)[..., None], 0)
+    if module.scale_grad_by_freq:
+        # torch divides by the count of each index in the call: for one sample, in that sample
+        counts = (x[:, :, None] == x[:, None, :]).sum(-1)
+        g = g / counts[..., None].to(g.dtype)
+    return x, g
+
+
+@torch.no_grad()
+def _embedding_psg(module: nn.Embedding, activations, backprops) -> Grads:
+    if not _trainable(module, "weight"):
+        return {}
+    x, g = _embedding_flat(module, activations, backprops)
+    B, T, D = g.shape
+    out = g.new_zeros(B, module.num_embeddings, D)
+    out.scatter_add_(1, x[..., None].expand(B, T, D), g)
+    return {"weight": out}
+
+
+@torch.no_grad()
+def _embedding_sq(module: nn.Embedding, activations, backprops) -> Grads:
+    if not _trainable(module, "weight"):
+        return {}
+    x, g = _embedding_flat(module, activations, backprops)
+    B, T, D = g.shape
+    if use_ghost(T, module.num_embeddings, D):
+        same = (x[:, :, None] == x[:, None, :]).to(g.dtype)
+        gg = torch.bmm(g, g.transpose(1, 2))
+        return {"weight": (same * gg).flatten(1).sum(1)}
+    return {"weight": _sq(_embedding_psg(module, activations, backprops)["weight"])}
+
+
+@torch.no_grad()
+def _embedding_clipped(module: nn.Embedding, activations, backprops, scales) -> Grads:
+    if not _trainable(module, "weight"):
+        return {}
+    x, g = _embedding_flat(module, activations, backprops)
+    D = g.shape[-1]
+    gs = g * _scale(scales, "weight", g)[:, None, None]
+    out = g.new_zeros(module.num_embeddings, D)
+    out.index_add_(0, x.reshape(-1), gs.reshape(-1, D))
+    return {"weight": out}
+
+
+EMBEDDING_RULE = LayerRule(
+    _embedding_psg, _embedding_sq, _embedding_clipped, check=_embedding_check
+)
+
+
+# --------------------------------------------------------------------------- norm layers
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Half-precision inputs are normalised in float32, as torch's kernels do."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _affine_grads(module: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, reduce_dims: list[int]):
+    """``weight``: sum of ``g * x_hat``, ``bias``: sum of ``g``, over ``reduce_dims``."""
+    out: Grads = {}
+    dtype = getattr(module, "weight", None)
+    dtype = dtype.dtype if isinstance(dtype, torch.Tensor) else x_hat.dtype
+    if _trainable(module, "weight"):
+        w = (g * x_hat).sum(reduce_dims) if reduce_dims else g * x_hat
+        out["weight"] = w.to(dtype)
+    if _trainable(module, "bias"):
+        b = g.sum(reduce_dims) if reduce_dims else g
+        out["bias"] = b.to(dtype)
+    return out
+
+
+def _layer_norm_psg(module: nn.LayerNorm, activations, backprops) -> Grads:
+    x = activations.to(_compute_dtype(activations))
+    g = backprops.to(x.dtype)
+    x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    k = len(module.normalized_shape)
+    return _affine_grads(module, x_hat, g, list(range(1, x.dim() - k)))
+
+
+def _group_norm_psg(module: nn.GroupNorm, activations, backprops) -> Grads:
+    x = activations.to(_compute_dtype(activations))
+    g = backprops.to(x.dtype)
+    x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
+    return _affine_grads(module, x_hat, g, list(range(2, x.dim())))
+
+
+def _instance_norm_check(module: nn.modules.instancenorm._InstanceNorm) -> None:
+    if module.track_running_stats:
+        raise ValueError(
+            f"{type(module).__name__}(track_running_stats=True) is not supported for private "
+            "training: its running mean and variance are updated from the private batch and "
+            "released with the model without any clipping or noise. Fix: construct it with "
+            "track_running_stats=False (statistics of each sample's own input are used in "
+            "training and evaluation alike)."
+        )
+
+
+def _instance_norm_psg(module, activations, backprops) -> Grads:
+    _instance_norm_check(module)
+    x = activations.to(_compute_dtype(activations))
+    g = backprops.to(x.dtype)
+    x_hat = F.instance_norm(x, None, None, None, None, use_input_stats=True, eps=module.eps)
+    return _affine_grads(module, x_hat, g, list(range(2, x.dim())))
+
+
+def _rms_norm_psg(module: nn.RMSNorm, activations, backprops) -> Grads:
+    x = activations.to(_compute_dtype(activations))
+    g = backprops.to(x.dtype)
+    x_hat = F.rms_norm(x, module.normalized_shape, None, module.eps)
+    k = len(module.normalized_shape)
+    return _affine_grads(module, x_hat, g, list(range(1, x.dim() - k)))
+
+
+LAYER_NORM_RULE = _materialised_rule(_layer_norm_psg)
+GROUP_NORM_RULE = _materialised_rule(_group_norm_psg)
+INSTANCE_NORM_RULE = _materialised_rule(_instance_norm_psg, check=_instance_norm_check)
+RMS_NORM_RULE = _materialised_rule(_rms_norm_psg)
+
+
+# --------------------------------------------------------------------------- registry
+
+RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: LINEAR_RULE,
+    nn.Conv1d: CONV_RULE,
+    nn.Conv2d: CONV_RULE,
+    nn.Conv3d: CONV_RULE,
+    nn.Embedding: EMBEDDING_RULE,
+    nn.LayerNorm: LAYER_NORM_RULE,
+    nn.GroupNorm: GROUP_NORM_RULE,
+    nn.InstanceNorm1d: INSTANCE_NORM_RULE,
+    nn.InstanceNorm2d: INSTANCE_NORM_RULE,
+    nn.InstanceNorm3d: INSTANCE_NORM_RULE,
+    nn.RMSNorm: RMS_NORM_RULE,
+}
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule for ``module``'s exact type, or ``None`` (subclasses may override forward).
+
+    Raises ``ValueError`` (with the fix) for a configuration that no per-sample engine can
+    train privately: ``nn.Embedding`` with ``max_norm`` or ``sparse=True``, ``InstanceNorm``
+    with ``track_running_stats=True``.
+    """
+    rule = RULES.get(type(module))
+    if rule is not None and rule.check is not None:
+        rule.check(module)
+    return rule

@@ -1,0 +1,470 @@
+"""Per-layer rules against the float64 per-sample loop oracle.
+
+For every layer and configuration: the rule's per-sample gradients, its per-sample squared
+norms (ghost norm forced on and off) and its book-keeping clipped sum are compared with the
+naive loop (``tests.oracles.per_sample_grads_loop``). Activations and output gradients are
+captured with plain module hooks from one forward/backward pass over the batch, where the
+loss is the sum of the per-sample losses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dpclip.grad_sample import RULES, LayerRule, rule_for, use_ghost
+from dpclip.grad_sample import rules as rules_mod
+from tests.oracles import flat_norms, per_sample_grads_loop
+
+DT = torch.float64
+TOL = dict(atol=1e-10, rtol=1e-10)
+
+
+def sq_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum-reduced, so the batch loss is the sum of the per-sample losses."""
+    return ((out - target) ** 2).sum() + (out**3).sum() * 0.1
+
+
+def capture(layer: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One forward/backward pass of the batch; returns (activations, backprops) of ``layer``."""
+    store = {}
+    h1 = layer.register_forward_hook(lambda m, inp, out: store.__setitem__("a", inp[0].detach()))
+    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0].detach()))
+    try:
+        layer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # "no inputs require gradients": expected here
+            warnings.simplefilter("ignore", UserWarning)
+            sq_loss(layer(x), y).backward()
+    finally:
+        h1.remove()
+        h2.remove()
+        layer.zero_grad(set_to_none=True)
+    return store["a"], store["g"]
+
+
+def targets_for(layer: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        out = layer(x)
+    return torch.randn(out.shape, generator=gen, dtype=DT)
+
+
+def trainable_names(layer: nn.Module) -> set[str]:
+    return {n for n, p in layer.named_parameters() if p.requires_grad}
+
+
+def check_layer(layer: nn.Module, x: torch.Tensor, monkeypatch, seed: int = 0) -> None:
+    """Rule == oracle for per-sample grads, squared norms (ghost on/off) and clipped sum."""
+    gen = torch.Generator().manual_seed(seed)
+    y = targets_for(layer, x, gen)
+    oracle = per_sample_grads_loop(layer, sq_loss, x, y)
+    if len(x) > 0:
+        a, g = capture(layer, x, y)
+    else:  # hooks on an empty batch: build the (empty) captures directly
+        with torch.no_grad():
+            a, g = x, torch.zeros_like(layer(x))
+    rule = rule_for(layer)
+    assert isinstance(rule, LayerRule)
+    names = trainable_names(layer)
+    B = len(x)
+
+    psg = rule.per_sample_grads(layer, a, g)
+    assert set(psg) == names == set(oracle)
+    for n in names:
+        assert psg[n].shape == (B, *getattr(layer, n).shape)
+        torch.testing.assert_close(psg[n], oracle[n], **TOL)
+
+    for ghost in (True, False, None):  # forced on, forced off, the rule's own choice
+        with monkeypatch.context() as mp:
+            if ghost is not None:
+                mp.setattr(rules_mod, "use_ghost", lambda T, d, p, _g=ghost: _g)
+            sq = rule.sq_norms(layer, a, g)
+        assert set(sq) == names
+        for n in names:
+            assert sq[n].shape == (B,)
+            torch.testing.assert_close(sq[n], oracle[n].flatten(1).pow(2).sum(1), **TOL)
+
+    scales = {n: torch.rand(B, generator=gen, dtype=DT) for n in names}
+    cs = rule.clipped_sum(layer, a, g, scales)
+    assert set(cs) == names
+    for n in names:
+        expected = torch.einsum("b,b...->...", scales[n], oracle[n])
+        assert cs[n].shape == getattr(layer, n).shape
+        torch.testing.assert_close(cs[n], expected, **TOL)
+
+
+def randomise(layer: nn.Module, seed: int = 1) -> nn.Module:
+    """float64, and affine parameters away from their (ones, zeros) initial values."""
+    layer = layer.to(DT)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DT) * 0.5 + (p == 1).to(DT))
+    return layer
+
+
+def randn(*shape, seed=2):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_use_ghost_is_fastdp_rule():
+    assert use_ghost(1, 2, 2)
+    assert use_ghost(3, 5, 4)  # 18 < 20
+    assert not use_ghost(4, 8, 4)  # 32 == 32
+    assert not use_ghost(100, 10, 10)
+
+
+def test_registry_and_rule_for():
+    for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm):
+        assert t in RULES
+    assert rule_for(nn.ReLU()) is None
+    assert rule_for(nn.BatchNorm1d(3)) is None
+
+    class MyLinear(nn.Linear):  # may override forward: no rule by exact type
+        pass
+
+    assert rule_for(MyLinear(2, 2)) is None
+    assert rule_for(nn.Linear(2, 2)) is RULES[nn.Linear]
+
+
+def test_oracle_flat_norms():
+    layer = randomise(nn.Linear(3, 2))
+    x = randn(4, 3)
+    g = per_sample_grads_loop(layer, sq_loss, x, randn(4, 2, seed=3))
+    expected = (g["weight"].flatten(1).pow(2).sum(1) + g["bias"].pow(2).sum(1)).sqrt()
+    torch.testing.assert_close(flat_norms(g), expected)
+    assert flat_norms(per_sample_grads_loop(layer, sq_loss, x[:0], x[:0, :2])).shape == (0,)
+
+
+# --------------------------------------------------------------------------- Linear
+
+LINEAR_CASES = [
+    # (input shape without the feature dim, d, p, bias)
+    ((5,), 3, 4, True),
+    ((5,), 3, 4, False),
+    ((1,), 3, 2, True),  # B = 1
+    ((0,), 3, 2, True),  # B = 0
+    ((4, 6), 3, 2, True),  # sequence
+    ((3, 2, 5), 4, 3, True),  # two position dims
+    ((2, 7), 1, 1, False),
+]
+
+
+@pytest.mark.parametrize("lead,d,p,bias", LINEAR_CASES)
+def test_linear(lead, d, p, bias, monkeypatch):
+    check_layer(randomise(nn.Linear(d, p, bias=bias)), randn(*lead, d), monkeypatch)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    B=st.integers(0, 4),
+    T=st.integers(1, 5),
+    seq=st.booleans(),
+    d=st.integers(1, 5),
+    p=st.integers(1, 5),
+    bias=st.booleans(),
+)
+def test_linear_hypothesis(B, T, seq, d, p, bias):
+    mp = pytest.MonkeyPatch()
+    try:
+        shape = (B, T, d) if seq else (B, d)
+        check_layer(randomise(nn.Linear(d, p, bias=bias)), randn(*shape), mp)
+    finally:
+        mp.undo()
+
+
+# --------------------------------------------------------------------------- Conv
+
+CONV1D_CASES = [
+    dict(),
+    dict(stride=2),
+    dict(padding=1),
+    dict(padding=2, dilation=2),
+    dict(groups=2),
+    dict(groups=2, stride=2, padding=1, dilation=2),
+    dict(padding="same"),
+    dict(padding="same", dilation=2),
+    dict(padding="valid"),
+    dict(bias=False),
+    dict(padding=1, padding_mode="reflect"),
+    dict(padding=2, padding_mode="replicate"),
+    dict(padding=2, padding_mode="circular"),
+    dict(padding="same", padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("kw", CONV1D_CASES, ids=str)
+def test_conv1d(kw, monkeypatch):
+    layer = randomise(nn.Conv1d(4, 6, 3, **kw))
+    check_layer(layer, randn(3, 4, 9), monkeypatch)
+
+
+CONV2D_CASES = [
+    dict(kernel_size=3),
+    dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0)),
+    dict(kernel_size=3, dilation=(2, 1), padding=(2, 1)),
+    dict(kernel_size=3, groups=2, padding=1),
+    dict(kernel_size=(1, 3), groups=4),  # depthwise
+    dict(kernel_size=(2, 4), padding="same"),  # even kernels: asymmetric padding
+    dict(kernel_size=3, padding="same", dilation=2, groups=2),
+    dict(kernel_size=2, padding="valid", bias=False),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding=(2, 1), padding_mode="replicate", stride=2),
+    dict(kernel_size=3, padding=(1, 2), padding_mode="circular", groups=2),
+    dict(kernel_size=(2, 3), padding="same", padding_mode="reflect"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kw", CONV2D_CASES, ids=str)
+def test_conv2d(kw, monkeypatch):
+    layer = randomise(nn.Conv2d(4, 4, **kw))
+    check_layer(layer, randn(3, 4, 6, 5), monkeypatch)
+
+
+CONV3D_CASES = [
+    dict(kernel_size=2),
+    dict(kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)),
+    dict(kernel_size=3, groups=2, padding="same"),
+    dict(kernel_size=2, padding=1, padding_mode="replicate", bias=False),
+    dict(kernel_size=3, padding=1, padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("kw", CONV3D_CASES, ids=str)
+def test_conv3d(kw, monkeypatch):
+    layer = randomise(nn.Conv3d(2, 4, **kw))
+    check_layer(layer, randn(2, 2, 4, 5, 4), monkeypatch)
+
+
+@pytest.mark.parametrize("B", [0, 1])
+@pytest.mark.parametrize(
+    "cls,spatial", [(nn.Conv1d, (7,)), (nn.Conv2d, (5, 4)), (nn.Conv3d, (3, 4, 3))]
+)
+def test_conv_small_batches(cls, spatial, B, monkeypatch):
+    layer = randomise(cls(2, 3, 2, padding=1))
+    check_layer(layer, randn(B, 2, *spatial), monkeypatch)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    bias=st.booleans(),
+)
+def test_conv2d_hypothesis(B, groups, k, stride, dilation, padding, mode, bias):
+    layer = randomise(nn.Conv2d(2, 2 * groups, k, stride=stride, padding=padding, dilation=dilation,
+                                groups=groups, bias=bias, padding_mode=mode))
+    mp = pytest.MonkeyPatch()
+    try:
+        check_layer(layer, randn(B, 2, 6, 7), mp)
+    finally:
+        mp.undo()
+
+
+# --------------------------------------------------------------------------- Embedding
+
+
+def long_inputs(*shape, high=5, seed=4):
+    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+EMBEDDING_CASES = [
+    (dict(), (4, 6)),
+    (dict(), (3,)),  # one index per sample
+    (dict(), (2, 3, 4)),
+    (dict(padding_idx=0), (4, 6)),
+    (dict(padding_idx=-1), (4, 6)),
+    (dict(scale_grad_by_freq=True), (4, 6)),
+    (dict(padding_idx=2, scale_grad_by_freq=True), (3, 7)),
+    (dict(), (1, 5)),
+    (dict(), (0, 5)),
+]
+
+
+@pytest.mark.parametrize("kw,shape", EMBEDDING_CASES, ids=str)
+def test_embedding(kw, shape, monkeypatch):
+    layer = randomise(nn.Embedding(5, 3, **kw))
+    check_layer(layer, long_inputs(*shape), monkeypatch)
+
+
+def test_embedding_padding_row_gets_no_gradient(monkeypatch):
+    layer = randomise(nn.Embedding(5, 3, padding_idx=1))
+    x = torch.ones(3, 4, dtype=torch.long)
+    x[:, 0] = 2
+    y = targets_for(layer, x, torch.Generator().manual_seed(0))
+    a, g = capture(layer, x, y)
+    psg = rule_for(layer).per_sample_grads(layer, a, g)["weight"]
+    assert torch.all(psg[:, 1] == 0)
+    assert torch.all(psg[:, 2] != 0)
+    check_layer(layer, x, monkeypatch)
+
+
+def test_embedding_refuses_max_norm_and_sparse():
+    with pytest.raises(ValueError, match="max_norm") as e:
+        rule_for(nn.Embedding(5, 3, max_norm=1.0))
+    assert "renormalis" in str(e.value) and "max_norm=None" in str(e.value)
+    layer = nn.Embedding(5, 3, max_norm=1.0)
+    x = long_inputs(2, 3)
+    with pytest.raises(ValueError, match="max_norm"):
+        RULES[nn.Embedding].per_sample_grads(layer, x, torch.zeros(2, 3, 3))
+    with pytest.raises(ValueError, match="sparse"):
+        rule_for(nn.Embedding(5, 3, sparse=True))
+
+
+# --------------------------------------------------------------------------- norm layers
+
+NORM_CASES = [
+    ("layernorm_vec", lambda: nn.LayerNorm(4), (3, 4)),
+    ("layernorm_seq", lambda: nn.LayerNorm(4), (3, 5, 4)),
+    ("layernorm_2d_shape", lambda: nn.LayerNorm((5, 4)), (3, 5, 4)),
+    ("layernorm_nobias", lambda: nn.LayerNorm(4, bias=False), (3, 2, 4)),
+    ("layernorm_B1", lambda: nn.LayerNorm(4), (1, 2, 4)),
+    ("layernorm_B0", lambda: nn.LayerNorm(4), (0, 2, 4)),
+    ("groupnorm_1", lambda: nn.GroupNorm(1, 4), (3, 4, 5)),
+    ("groupnorm_2", lambda: nn.GroupNorm(2, 4), (3, 4, 3, 2)),
+    ("groupnorm_C", lambda: nn.GroupNorm(4, 4, eps=1e-3), (3, 4, 6)),
+    ("groupnorm_B0", lambda: nn.GroupNorm(2, 4), (0, 4, 6)),
+    ("instancenorm1d", lambda: nn.InstanceNorm1d(3, affine=True), (3, 3, 6)),
+    ("instancenorm2d", lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 4, 3)),
+    ("instancenorm3d", lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 3, 2)),
+    ("instancenorm2d_B1", lambda: nn.InstanceNorm2d(3, affine=True), (1, 3, 4, 3)),
+    ("rmsnorm_vec", lambda: nn.RMSNorm(4), (3, 4)),
+    ("rmsnorm_seq", lambda: nn.RMSNorm(4, eps=1e-5), (3, 5, 4)),
+    ("rmsnorm_2d_shape", lambda: nn.RMSNorm((5, 4)), (2, 5, 4)),
+    ("rmsnorm_B0", lambda: nn.RMSNorm(4), (0, 5, 4)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_norm_layers(name, make, shape, monkeypatch):
+    check_layer(randomise(make()), randn(*shape), monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.LayerNorm(4, elementwise_affine=False), (2, 4)),
+        (lambda: nn.RMSNorm(4, elementwise_affine=False), (2, 4)),
+        (lambda: nn.InstanceNorm1d(3), (2, 3, 5)),
+        (lambda: nn.GroupNorm(2, 4, affine=False), (2, 4, 5)),
+    ],
+)
+def test_norm_layers_without_parameters(make, shape):
+    layer = make().to(DT)
+    x = randn(*shape)
+    rule = rule_for(layer)
+    g = torch.ones_like(x)
+    assert rule.per_sample_grads(layer, x, g) == {}
+    assert rule.sq_norms(layer, x, g) == {}
+    assert rule.clipped_sum(layer, x, g, {}) == {}
+
+
+@pytest.mark.parametrize("cls", [nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d])
+def test_instance_norm_refuses_running_stats(cls):
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        rule_for(cls(3, affine=True, track_running_stats=True))
+
+
+# --------------------------------------------------------------------------- frozen parameters
+
+FROZEN_CASES = [
+    ("linear", lambda: nn.Linear(3, 2), (4, 3)),
+    ("conv2d", lambda: nn.Conv2d(2, 3, 2, padding=1), (3, 2, 4, 4)),
+    ("layernorm", lambda: nn.LayerNorm(3), (4, 2, 3)),
+    ("groupnorm", lambda: nn.GroupNorm(1, 2), (3, 2, 5)),
+]
+
+
+@pytest.mark.parametrize("frozen", ["bias", "weight"])
+@pytest.mark.parametrize("name,make,shape", FROZEN_CASES, ids=[c[0] for c in FROZEN_CASES])
+def test_frozen_parameter_is_absent(name, make, shape, frozen, monkeypatch):
+    layer = randomise(make())
+    getattr(layer, frozen).requires_grad_(False)
+    check_layer(layer, randn(*shape), monkeypatch)  # checks the dict keys == trainable names
+
+
+def test_frozen_embedding_gives_empty_dicts():
+    layer = randomise(nn.Embedding(5, 3)).requires_grad_(False)
+    x = long_inputs(2, 3)
+    g = randn(2, 3, 3)
+    rule = rule_for(layer)
+    assert rule.per_sample_grads(layer, x, g) == {}
+    assert rule.sq_norms(layer, x, g) == {}
+    assert rule.clipped_sum(layer, x, g, {}) == {}
+
+
+# --------------------------------------------------------------------------- contexts and dtypes
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.Linear(3, 2), (4, 5, 3)),
+        (lambda: nn.Conv1d(2, 2, 3), (3, 2, 6)),
+        (lambda: nn.LayerNorm(3), (4, 3)),
+    ],
+)
+def test_rules_under_no_grad_with_grad_requiring_captures(make, shape):
+    layer = randomise(make())
+    x = randn(*shape).requires_grad_(True)
+    out = layer(x)  # activations still attached to the graph, as a hook may see them
+    g = randn(*out.shape, seed=7)
+    rule = rule_for(layer)
+    with torch.no_grad():
+        psg = rule.per_sample_grads(layer, x, g)
+        sq = rule.sq_norms(layer, x, g)
+        cs = rule.clipped_sum(layer, x, g, {n: torch.ones(shape[0], dtype=DT) for n in psg})
+    for d in (psg, sq, cs):
+        assert all(not v.requires_grad for v in d.values())
+    # outside no_grad too: results never carry a graph
+    assert all(not v.requires_grad for v in rule.per_sample_grads(layer, x, g).values())
+
+
+def test_float32_and_scales_of_another_dtype():
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(3, 2, 5, 5)
+    g = torch.randn(3, 3, 5, 5)
+    rule = rule_for(layer)
+    psg = rule.per_sample_grads(layer, x, g)
+    assert all(v.dtype == torch.float32 for v in psg.values())
+    cs = rule.clipped_sum(layer, x, g, {n: torch.ones(3, dtype=DT) for n in psg})
+    for n in psg:
+        assert cs[n].dtype == torch.float32
+        torch.testing.assert_close(cs[n], psg[n].sum(0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.LayerNorm(8), (3, 4, 8)),
+        (lambda: nn.GroupNorm(2, 4), (3, 4, 6)),
+        (lambda: nn.RMSNorm(8), (3, 4, 8)),
+        (lambda: nn.InstanceNorm1d(4, affine=True), (3, 4, 6)),
+    ],
+)
+def test_norm_rules_in_bfloat16_match_float64(make, shape):
+    layer64 = randomise(make())
+    layer16 = make().to(torch.bfloat16)
+    layer16.load_state_dict({k: v.to(torch.bfloat16) for k, v in layer64.state_dict().items()})
+    x = randn(*shape).to(torch.bfloat16)
+    g = randn(*shape, seed=5).to(torch.bfloat16)
+    got = rule_for(layer16).per_sample_grads(layer16, x, g)
+    ref = rule_for(layer64).per_sample_grads(layer64, x.to(DT), g.to(DT))
+    assert set(got) == set(ref)
+    for n in ref:
+        assert got[n].dtype == torch.bfloat16
+        torch.testing.assert_close(got[n].to(DT), ref[n], atol=0.1, rtol=0.05)
