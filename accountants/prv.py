@@ -227,16 +227,13 @@ class _Step:
 
     @cached_property
     def median(self) -> float:
-        lo, hi = self.a, self.b
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if float(self.loss.cdf(mid)) < 0.5:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= 1e-12 * max(1.0, abs(mid)):
-                break
-        return 0.5 * (lo + hi)
+        """A point near the median: where ``on_grid`` switches from the CDF to the survival function.
+
+        Either function is accurate near the median, so a coarse search is enough.
+        """
+        points = np.linspace(self.a, self.b, 257)
+        above = np.flatnonzero(self.loss.cdf(points) >= 0.5)
+        return float(points[above[0]]) if above.size else self.b
 
 
 @dataclass(frozen=True)
@@ -292,10 +289,9 @@ class _Chernoff:
     down: np.ndarray
 
     @classmethod
-    def of(cls, grids: list[_GridStep]) -> "_Chernoff":
-        up = sum(g.step.steps * g.log_mgf(_LAMS) for g in grids)
-        down = sum(g.step.steps * g.log_mgf(-_LAMS) for g in grids)
-        return cls(_LAMS, np.asarray(up), np.asarray(down))
+    def of(cls, grids: list[_GridStep], lams: np.ndarray = _LAMS) -> "_Chernoff":
+        both = sum(g.step.steps * g.log_mgf(np.concatenate((lams, -lams))) for g in grids)
+        return cls(lams, np.asarray(both[: lams.size]), np.asarray(both[lams.size :]))
 
     def window(self, mass: float) -> tuple[float, float]:
         """``[lo, hi]`` with at most ``mass`` of the composed distribution below and above."""
@@ -608,14 +604,15 @@ def prv_epsilon_bounds(
 
 
 def _initial_mesh(losses: dict[bool, list[_Step]], err: float) -> float:
-    """A coarse first mesh: about ``_FIRST_GRID`` points over the composed window."""
-    widths = [s.b - s.a for steps in losses.values() for s in steps]
-    probe = max(max(widths) / 1024.0, 1e-12)
-    spans = []
-    for steps in losses.values():
-        lo, hi = _Chernoff.of([s.on_grid(probe) for s in steps]).window(err / 10)
-        spans.append(hi - lo)
-    return max(max(spans) / _FIRST_GRID, 1e-12)
+    """A coarse first mesh: about ``_FIRST_GRID`` points over the composed window.
+
+    The window is probed on the remove direction only (the add direction's loss is
+    bounded above, its window is rarely wider; if it is, its first grid is just larger).
+    """
+    steps = losses[True]
+    probe = max(max(s.b - s.a for s in steps) / 1024.0, 1e-12)
+    lo, hi = _Chernoff.of([s.on_grid(probe) for s in steps], _LAMS[::3]).window(err / 10)
+    return max((hi - lo) / _FIRST_GRID, 1e-12)
 
 
 def _refine(
