@@ -1,0 +1,50 @@
+"""Clipping rules and the Gaussian noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpclip.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, clip_factor
+from dpclip.noise import GaussianNoise
+
+
+def test_flat_clipping_is_exact_and_safe():
+    norms = torch.tensor([[0.0], [0.5], [1.0], [4.0]], dtype=torch.float64)
+    scales = FlatClipping(1.0)(norms)
+    assert scales.flatten().tolist() == [1.0, 1.0, 1.0, 0.25]
+    assert torch.all(clip_factor(norms, math.inf) == 1)
+    assert FlatClipping(2.5).sensitivity == 2.5
+
+
+def test_clipped_norms_never_exceed_the_bound():
+    norms = torch.rand(100, 3, dtype=torch.float64) * 10
+    rule = PerLayerClipping((1.0, 2.0, 0.5))
+    clipped = norms * rule(norms)
+    assert torch.all(clipped <= torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) + 1e-12)
+    assert rule.sensitivity == pytest.approx(math.sqrt(1 + 4 + 0.25))
+    auto = AutomaticClipping()
+    assert torch.all(norms * auto(norms) < 1) and auto.sensitivity == 1.0
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_bad_bounds(bad):
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        FlatClipping(bad)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PerLayerClipping((1.0, bad))
+
+
+def test_noise_has_the_declared_std_and_is_reproducible():
+    noise = GaussianNoise(2.0)
+    sums = {"w": torch.zeros(200_000, dtype=torch.float64)}
+    a = noise.add(sums, 0.5, torch.Generator().manual_seed(1))["w"]
+    b = noise.add(sums, 0.5, torch.Generator().manual_seed(1))["w"]
+    assert torch.equal(a, b)
+    assert a.std().item() == pytest.approx(1.0, rel=0.01)
+    assert abs(a.mean().item()) < 0.01
+    assert torch.equal(GaussianNoise(0.0).add(sums, 1.0, torch.Generator())["w"], sums["w"])
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        GaussianNoise(-1.0)
