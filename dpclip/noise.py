@@ -27,6 +27,9 @@ class GaussianNoise:
         object.__setattr__(self, "noise_multiplier", sigma)
 
     def std(self, sensitivity: float) -> float:
+        """``noise_multiplier * sensitivity``; 0 without noise, also for an unbounded sensitivity."""
+        if self.noise_multiplier == 0.0:
+            return 0.0
         return self.noise_multiplier * float(sensitivity)
 
     def add(

@@ -442,7 +442,7 @@ def rnn_per_sample_grads(
     inputs = _tree_map(torch.Tensor.detach, inputs)
     grad_output = _tree_map(torch.Tensor.detach, grad_output)
     if isinstance(inputs[0], nn.utils.rnn.PackedSequence):
-        raise NotImplementedError(
+        raise TypeError(
             "rnn_per_sample_grads: PackedSequence inputs are not supported; pass padded "
             "tensors (and mask the loss) instead"
         )

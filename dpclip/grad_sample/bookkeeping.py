@@ -1,0 +1,96 @@
+"""Book-keeping (Bu et al. 2023): per-sample norms, then the clipped sum, from one backward.
+
+After the user's ordinary ``loss.backward()`` the :class:`~dpclip.grad_sample.hooks.GradSampler`
+holds every unit's activations and output gradients. :func:`clip_and_sum` then
+
+1. takes the per-sample squared norms of each parameter (ghost norms where cheaper),
+2. sums them per group and takes the square root: norms ``[B, G]``,
+3. asks the clipper for scales ``[B, G]``,
+4. forms ``sum_i s_i g_i`` per parameter with its group's scale, as one contraction of the
+   scaled output gradients with the activations per layer (no ``[B, *shape]`` tensor for
+   layers with a rule).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .hooks import GradSampler
+
+__all__ = ["Clipper", "clip_and_sum"]
+
+Clipper = Callable[[torch.Tensor], torch.Tensor]  # norms [B, G] -> scales [B, G]
+
+
+def clip_and_sum(
+    sampler: GradSampler,
+    clipper: Clipper,
+    groups: Sequence[Sequence[nn.Parameter]] | None = None,
+) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
+    """Per-group per-sample norms, scales from ``clipper``, and the clipped sums.
+
+    ``groups``: ``None`` for one group holding every parameter of the sampler (flat clipping),
+    else one group per entry (per-layer clipping). Every parameter of the sampler must be in
+    exactly one group (an unclipped parameter would break the sensitivity bound).
+
+    Returns ``(sums, norms)``: ``sums[p] = sum_i scales[i, group(p)] * g_i(p)`` with ``p``'s
+    shape, and ``norms [B, G]`` (``norms[i, k]`` = L2 norm of sample ``i``'s gradient over the
+    parameters of group ``k``).
+    """
+    params = sampler.parameters
+    if groups is None:
+        groups = [params]
+    groups = [list(g) for g in groups]
+    group_of: dict[int, int] = {}
+    for k, group in enumerate(groups):
+        for p in group:
+            if id(p) in group_of:
+                raise ValueError(
+                    f"clip_and_sum: a parameter of shape {tuple(p.shape)} is in groups "
+                    f"{group_of[id(p)]} and {k}; each parameter must be in exactly one group"
+                )
+            group_of[id(p)] = k
+    known = {id(p) for p in params}
+    foreign = [tuple(p.shape) for g in groups for p in g if id(p) not in known]
+    if foreign:
+        raise ValueError(
+            f"clip_and_sum: {len(foreign)} grouped parameter(s) have no per-sample gradient "
+            f"(not covered by the sampler; shapes {foreign})"
+        )
+    missing = [tuple(p.shape) for p in params if id(p) not in group_of]
+    if missing:
+        raise ValueError(
+            f"clip_and_sum: {len(missing)} parameter(s) of the sampler are in no group "
+            f"(shapes {missing}); every trainable parameter must be clipped"
+        )
+
+    sq = sampler.per_sample_sq_norms()
+    batch = sampler.batch_size
+    ref = next(iter(sq.values()), None)
+    dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+    device = ref.device if ref is not None else torch.device("cpu")
+    for t in sq.values():
+        dtype = torch.promote_types(dtype, t.dtype)
+    columns = []
+    for group in groups:
+        total = torch.zeros(batch, dtype=dtype, device=device)
+        for p in group:
+            total = total + sq[p].to(device=device, dtype=dtype)
+        columns.append(total)
+    norms = (
+        torch.stack(columns, dim=1)
+        if columns
+        else torch.zeros(batch, 0, dtype=dtype, device=device)
+    ).clamp_min(0).sqrt()
+
+    scales = clipper(norms)
+    if tuple(scales.shape) != tuple(norms.shape):
+        raise ValueError(
+            f"clip_and_sum: the clipper returned scales of shape {tuple(scales.shape)} for "
+            f"norms of shape {tuple(norms.shape)}"
+        )
+    per_param = {p: scales[:, group_of[id(p)]] for group in groups for p in group}
+    return sampler.clipped_sums(per_param), norms

@@ -1,0 +1,655 @@
+"""Capture activations and output gradients during the user's ordinary ``loss.backward()``.
+
+:class:`GradSampler` hooks every *unit* of a model (see :func:`find_units`): a module with a
+per-layer rule (:mod:`dpclip.grad_sample.rules`) or, for anything else that owns trainable
+parameters, a fallback unit whose per-sample gradients come from ``torch.func``
+(:func:`dpclip.grad_sample.vmap.module_vjp_per_sample`). After the backward pass it gives
+
+* ``per_sample_grads()``: materialised ``[B, *shape]`` per-sample gradients,
+* ``per_sample_sq_norms()``: ``[B]`` squared norms (ghost norms where a rule allows),
+* ``clipped_sums(scales)``: ``sum_i scale_i g_i`` (book-keeping: one contraction per layer),
+
+all keyed by the :class:`~torch.nn.Parameter` object, with no second backward pass.
+
+Capture mechanism
+-----------------
+A forward hook (``register_forward_hook(..., with_kwargs=True)``) stores the detached inputs
+(and keyword arguments) of each call and registers a tensor hook on each output tensor that
+requires grad; that tensor hook receives ``dL/d(output)`` of *this* call. Pairing the
+gradient with its call through the closure (rather than through a module full backward hook,
+whose firing order one would have to match with the forward calls) makes it exact for a
+module called several times in one forward, for calls whose output does not reach the loss
+(they contribute nothing), for outputs nested in tuples (``nn.LSTM``'s ``(out, (h_n, c_n))``:
+a full backward hook only sees top-level tensors, so gradients through ``h_n`` would be lost),
+and for outputs modified in place afterwards (``nn.ReLU(inplace=True)`` after a ``Linear``:
+the tensor hook, registered before the in-place op, sees the gradient of the original output;
+a full backward hook raises there). A second backward through the same graph
+(``retain_graph=True``) adds to the stored gradients, as ``p.grad`` accumulates.
+
+Nothing is set on modules or parameters: the only state on a module is the forward-hook
+handle, removed by :meth:`GradSampler.remove`; tensor hooks live on the autograd graph of one
+forward pass and die with it.
+
+Capture happens only in a grad-enabled forward whose output requires grad, so evaluation
+under ``torch.no_grad()`` / ``torch.inference_mode()`` stores nothing, and not inside
+``torch.func`` transforms. Activation checkpointing works with ``use_reentrant`` True and
+False. After a backward, the next forward starts a new round; gradients from two rounds are
+refused (call :meth:`GradSampler.clear` after each step).
+
+Cross terms
+-----------
+A parameter used more than once (one module called twice, or one Parameter shared by two
+units, e.g. tied embedding / output weights) has per-sample gradient ``g_i = sum_k g_i^(k)``.
+Its squared norm has cross terms, so :meth:`GradSampler.per_sample_sq_norms` materialises
+such parameters (correctness first). The clipped sum is linear in ``g_i``, so
+``sum_i s_i g_i = sum_k sum_i s_i g_i^(k)`` is the sum of per-use book-keeping contractions:
+no materialisation needed.
+
+Limitations
+-----------
+* Per-sample gradients assume that samples do not interact (no BatchNorm in train mode);
+  ``validate.py`` refuses such modules.
+* A parameter used *outside* the forward of the unit that owns it (e.g. a parent module with
+  no parameters of its own calling ``F.linear(h, self.emb.weight)``) is not seen by any hook
+  and its gradient from that use is missed. Put such code in a module that holds the
+  parameter (e.g. ``self.weight = emb.weight``): that module becomes a fallback unit.
+* Fallback units get their keyword arguments unbatched (passed to every sample unchanged):
+  batched tensors must be positional arguments (``nn.MultiheadAttention``'s
+  ``key_padding_mask`` passed as a keyword is therefore refused at compute time).
+* The fallback recomputes the module's forward for each sample, so it cannot reproduce
+  random operations (dropout) inside a fallback unit (``RandomnessError``).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import rules as _rules
+from .rules import LayerRule, rule_for
+
+__all__ = ["Unit", "find_units", "uncovered_parameters", "GradSampler"]
+
+_LOSS_REDUCTIONS = ("mean", "sum")
+_GHOST_MODES = ("auto", "always", "never")
+
+
+# --------------------------------------------------------------------------------------------
+# units
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One hooked module and the trainable parameters it computes per-sample gradients for."""
+
+    name: str  # module path in the model ('' for the root)
+    module: nn.Module
+    rule: LayerRule | None  # None -> torch.func fallback (module_vjp_per_sample)
+    params: tuple[tuple[str, nn.Parameter], ...]  # (name relative to module, parameter)
+
+
+def _is_parametrized(module: nn.Module) -> bool:
+    try:
+        from torch.nn.utils import parametrize
+    except ImportError:  # pragma: no cover
+        return False
+    return parametrize.is_parametrized(module)
+
+
+def find_units(model: nn.Module) -> list[Unit]:
+    """The modules to hook, top-down (see the module docstring).
+
+    * A module whose exact type has a rule is a unit with its own trainable parameters; its
+      children are not visited. ``rule_for`` may raise ``ValueError`` for a refused setting.
+    * Otherwise a module with trainable parameters of its own (or a parametrized module) is a
+      fallback unit covering all its trainable parameters, children's included; children are
+      not visited (its forward may use them directly, as ``nn.MultiheadAttention`` uses
+      ``out_proj.weight``).
+    * Otherwise its children are visited.
+
+    Modules without trainable parameters are skipped, frozen parameters never included. A
+    module instance reachable under several names is one unit (called several times).
+    """
+    units: list[Unit] = []
+    seen: set[int] = set()
+
+    def visit(name: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        rule = rule_for(module)
+        if rule is not None:
+            params = tuple(
+                (n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad
+            )
+            if params:
+                units.append(Unit(name, module, rule, params))
+            return
+        own = [p for _, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own or _is_parametrized(module):
+            params = tuple((n, p) for n, p in module.named_parameters() if p.requires_grad)
+            if params:
+                units.append(Unit(name, module, None, params))
+                return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return units
+
+
+def uncovered_parameters(model: nn.Module, units: list[Unit]) -> list[str]:
+    """Names of the model's trainable parameters that no unit covers (empty by construction)."""
+    covered = {id(p) for u in units for _, p in u.params}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+
+
+# --------------------------------------------------------------------------------------------
+# small pytree helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _detach(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
+        return type(tree)(*(_detach(t) for t in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_detach(t) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _detach(v) for k, v in tree.items()}
+    return tree
+
+
+def _leaves(tree: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        out.append(tree)
+    elif isinstance(tree, (tuple, list)):
+        for t in tree:
+            _leaves(t, out)
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            _leaves(v, out)
+    return out
+
+
+class _Leaf:
+    """Stands for an output tensor in a call's output skeleton (the tensor is not kept)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:  # pragma: no cover
+        return "<tensor>"
+
+
+_LEAF = _Leaf()
+
+
+def _skeleton(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by ``_LEAF`` (keeps no output memory alive)."""
+    if isinstance(tree, torch.Tensor):
+        return _LEAF
+    if isinstance(tree, (tuple, list)):
+        return tuple(_skeleton(t) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _skeleton(v) for k, v in tree.items()}
+    return None
+
+
+def _grad_structure(tree: Any, grads: list, counter: list[int]) -> Any:
+    """The skeleton with its k-th leaf replaced by ``grads[k]`` (None: zero gradient)."""
+    if tree is _LEAF:
+        k = counter[0]
+        counter[0] += 1
+        return grads[k]
+    if isinstance(tree, tuple):
+        return tuple(_grad_structure(t, grads, counter) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _grad_structure(v, grads, counter) for k, v in tree.items()}
+    return None
+
+
+def _is_functorch_wrapped(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        return False
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing recomputes there)."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# ghost-norm switch
+# --------------------------------------------------------------------------------------------
+
+_GHOST_LOCK = threading.RLock()
+
+
+@contextmanager
+def _ghost_forced_on() -> Iterator[None]:
+    """Make the rules take their ghost-norm branch (``rules.use_ghost`` -> True).
+
+    The rules read the module-level ``use_ghost`` at call time and take no argument for it, so
+    ``ghost="always"`` swaps that function for the duration of the call (under a lock). Both
+    branches are exact, so another thread calling a rule meanwhile gets the same values.
+    ``ghost="never"`` needs no switch: the norms are taken from the materialised gradients.
+    """
+    with _GHOST_LOCK:
+        old = _rules.use_ghost
+        _rules.use_ghost = lambda T, d, p: True
+        try:
+            yield
+        finally:
+            _rules.use_ghost = old
+
+
+# --------------------------------------------------------------------------------------------
+# the sampler
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call of a unit in a grad-enabled forward."""
+
+    inputs: tuple  # detached positional arguments
+    kwargs: dict  # detached keyword arguments
+    output: Any  # skeleton of the output (tensors -> _LEAF), to rebuild grad_output
+    round: int  # forward/backward round (a new one starts at the first forward after a backward)
+    grads: list = field(default_factory=list)  # dL/d(output leaf k), None until its hook fires
+
+    @property
+    def active(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+    def grad_output(self) -> Any:
+        return _grad_structure(self.output, self.grads, [0])
+
+
+class GradSampler:
+    """Removable handle: hooks every unit of ``model``; also a context manager (exit -> remove).
+
+    ``loss_reduction``: ``"mean"`` if the loss is the batch mean of per-sample losses (output
+    gradients are multiplied by the batch size), ``"sum"`` if it is their sum.
+
+    ``ghost``: ``"auto"`` lets each rule choose ghost norm or materialisation per layer
+    (fastDP's rule); ``"always"`` forces the ghost norm for the layers that have one (Linear,
+    Conv, Embedding weights); ``"never"`` materialises every per-sample gradient to take its
+    norm. All three give the same values; only cost differs. Fallback units always materialise.
+
+    Usage::
+
+        with GradSampler(model) as gs:
+            loss_fn(model(x), y).backward()
+            norms = gs.per_sample_sq_norms()
+            sums = gs.clipped_sums(scales)
+            gs.clear()
+    """
+
+    def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", ghost: str = "auto"):
+        if loss_reduction not in _LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if ghost not in _GHOST_MODES:
+            raise ValueError(f"ghost must be one of {_GHOST_MODES}, got {ghost!r}")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.ghost = ghost
+        self.units: list[Unit] = find_units(model)
+        for unit in self.units:
+            _check_unit(unit)
+        self._calls: list[list[_Call]] = [[] for _ in self.units]
+        self._round = 0
+        self._backward_seen = False
+        self._suspended = 0
+        self._handles: list[Any] = []
+        for i, unit in enumerate(self.units):
+            self._handles.append(
+                unit.module.register_forward_hook(self._make_forward_hook(i), with_kwargs=True)
+            )
+
+    # ---------------------------------------------------------------- handle
+
+    def remove(self) -> None:
+        """Remove every hook and drop the captured tensors."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop the captured tensors (call after each optimizer step)."""
+        self._calls = [[] for _ in self.units]
+        self._round = 0
+        self._backward_seen = False
+
+    def __enter__(self) -> "GradSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter covered by a unit, once each, in unit order."""
+        out: dict[int, nn.Parameter] = {}
+        for u in self.units:
+            for _, p in u.params:
+                out.setdefault(id(p), p)
+        return list(out.values())
+
+    # ---------------------------------------------------------------- capture
+
+    def _make_forward_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            if self._suspended or not torch.is_grad_enabled():
+                return None
+            leaves = _leaves(output, [])
+            if not any(t.requires_grad for t in leaves):
+                return None
+            if any(_is_functorch_wrapped(t) for t in leaves):  # inside a torch.func transform
+                return None
+            if self._backward_seen and not _in_backward():
+                # first forward after a backward: a new round. A forward *during* backward
+                # (activation checkpointing recomputing a segment) belongs to the current one:
+                # with use_reentrant=True the recomputed calls are the ones backwarded (the
+                # first pass ran without grad); with use_reentrant=False the recomputed graph
+                # is never backwarded, so those calls stay inactive and are ignored.
+                self._round += 1
+                self._backward_seen = False
+            call = _Call(
+                inputs=_detach(tuple(args)),
+                kwargs=_detach(dict(kwargs)),
+                output=_skeleton(output),
+                round=self._round,
+                grads=[None] * len(leaves),
+            )
+            seen: set[int] = set()
+            for k, t in enumerate(leaves):
+                # one tensor returned twice gets its gradient once (the vjp would count it twice)
+                if t.requires_grad and id(t) not in seen:
+                    seen.add(id(t))
+                    t.register_hook(self._make_grad_hook(call, k))
+            self._calls[index].append(call)
+            return None
+
+        return hook
+
+    def _make_grad_hook(self, call: _Call, k: int):
+        def hook(grad):
+            g = grad.detach()
+            call.grads[k] = g if call.grads[k] is None else call.grads[k] + g
+            self._backward_seen = True
+            return None
+
+        return hook
+
+    # ---------------------------------------------------------------- captured data
+
+    def _active_calls(self) -> list[list[_Call]]:
+        """Per unit, the calls whose output received a gradient (all from one round)."""
+        active = [[c for c in calls if c.active] for calls in self._calls]
+        rounds = {c.round for calls in active for c in calls}
+        if len(rounds) > 1:
+            raise RuntimeError(
+                "GradSampler holds gradients from more than one forward/backward pass: the "
+                "per-sample gradients of different batches cannot be combined sample by "
+                "sample. Call clear() after each optimizer step (and after each micro-batch "
+                "when accumulating)."
+            )
+        return active
+
+    def _call_batch_size(self, unit: Unit, call: _Call) -> int:
+        module = unit.module
+        if unit.rule is not None:
+            return int(_rule_activation(call).shape[0])
+        if isinstance(module, nn.RNNBase):
+            x = call.inputs[0] if call.inputs else next(iter(call.kwargs.values()))
+            if isinstance(x, nn.utils.rnn.PackedSequence):
+                raise TypeError(
+                    f"{unit.name or type(module).__name__}: PackedSequence inputs are not "
+                    "supported for per-sample gradients; pass padded tensors and mask the loss"
+                )
+            return int(x.shape[0 if module.batch_first else 1])
+        leaves = _leaves(call.inputs, [])
+        if not leaves:
+            raise ValueError(
+                f"unit {unit.name or type(module).__name__!r} ({type(module).__name__}) was "
+                "called without positional tensor arguments: the fallback needs the batched "
+                "inputs as positional arguments"
+            )
+        return int(leaves[0].shape[0])
+
+    def _batch_size(self, active: list[list[_Call]]) -> int:
+        sizes: dict[int, list[str]] = {}
+        for unit, calls in zip(self.units, active):
+            for c in calls:
+                sizes.setdefault(self._call_batch_size(unit, c), []).append(
+                    unit.name or type(unit.module).__name__
+                )
+        if len(sizes) > 1:
+            detail = "; ".join(f"B={b}: {sorted(set(n))}" for b, n in sorted(sizes.items()))
+            raise ValueError(
+                "units disagree on the batch size (is the batch on dim 0 everywhere? "
+                f"nn.MultiheadAttention needs batch_first=True): {detail}"
+            )
+        return next(iter(sizes)) if sizes else 0
+
+    @property
+    def batch_size(self) -> int:
+        """B, from the captured activations (0 if nothing was captured or the batch is empty)."""
+        return self._batch_size(self._active_calls())
+
+    def _factor(self, batch: int) -> float:
+        return float(batch) if self.loss_reduction == "mean" else 1.0
+
+    # ---------------------------------------------------------------- per-call computations
+
+    def _call_grads(self, unit: Unit, call: _Call) -> dict[str, torch.Tensor]:
+        """Unscaled per-sample grads ``{name: [B, *shape]}`` of one call of one unit."""
+        if unit.rule is not None:
+            a, g = _rule_activation(call), _rule_backprop(unit, call)
+            return unit.rule.per_sample_grads(unit.module, a, g)
+        from .vmap import module_vjp_per_sample
+
+        _check_fallback_kwargs(unit, call)
+        self._suspended += 1  # the fallback re-runs the module's forward: do not capture it
+        try:
+            return module_vjp_per_sample(
+                unit.module,
+                call.inputs,
+                call.grad_output(),
+                params=dict(unit.params),
+                kwargs=call.kwargs,
+            )
+        finally:
+            self._suspended -= 1
+
+    # ---------------------------------------------------------------- public API
+
+    def per_sample_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        """``{parameter: [B, *shape]}``; a parameter used several times gets the sum of its uses."""
+        active = self._active_calls()
+        batch = self._batch_size(active)
+        factor = self._factor(batch)
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        with torch.no_grad():
+            for unit, calls in zip(self.units, active):
+                for call in calls:
+                    grads = self._call_grads(unit, call)
+                    for name, p in unit.params:
+                        if name in grads:  # a parameter frozen since find_units: no gradient
+                            _accumulate(out, p, grads[name])
+            return {
+                p: (out[p] * factor if p in out else p.new_zeros((batch, *p.shape)))
+                for p in self.parameters
+            }
+
+    def _uses(self, active: list[list[_Call]]) -> dict[int, int]:
+        uses: dict[int, int] = {}
+        for unit, calls in zip(self.units, active):
+            for _, p in unit.params:
+                uses[id(p)] = uses.get(id(p), 0) + len(calls)
+        return uses
+
+    def per_sample_sq_norms(self) -> dict[nn.Parameter, torch.Tensor]:
+        """``{parameter: [B]}`` squared per-sample gradient norms.
+
+        Ghost norms (per the ``ghost`` setting and the rule's choice) for a parameter with a
+        single use in a rule unit; materialised otherwise (fallback units, and parameters used
+        more than once, whose norm has cross terms).
+        """
+        active = self._active_calls()
+        batch = self._batch_size(active)
+        factor2 = self._factor(batch) ** 2
+        uses = self._uses(active)
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        shared: dict[nn.Parameter, torch.Tensor] = {}  # summed per-sample grads, multi-use
+        with torch.no_grad():
+            for unit, calls in zip(self.units, active):
+                single = [(n, p) for n, p in unit.params if uses[id(p)] == 1]
+                multi = [(n, p) for n, p in unit.params if uses[id(p)] > 1]
+                for call in calls:
+                    grads = None
+                    if single and unit.rule is not None and self.ghost != "never":
+                        a, g = _rule_activation(call), _rule_backprop(unit, call)
+                        if self.ghost == "always":
+                            with _ghost_forced_on():
+                                sq = unit.rule.sq_norms(unit.module, a, g)
+                        else:
+                            sq = unit.rule.sq_norms(unit.module, a, g)
+                        for n, p in single:
+                            if n in sq:
+                                out[p] = sq[n]
+                    elif single:
+                        grads = self._call_grads(unit, call)
+                        for n, p in single:
+                            if n in grads:
+                                out[p] = _sq(grads[n])
+                    if multi:
+                        if grads is None:
+                            grads = self._call_grads(unit, call)
+                        for n, p in multi:
+                            if n in grads:
+                                _accumulate(shared, p, grads[n])
+            for p, g in shared.items():
+                out[p] = _sq(g)
+            return {
+                p: (out[p] * factor2 if p in out else p.new_zeros((batch,)))
+                for p in self.parameters
+            }
+
+    def clipped_sums(self, scales: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+        """``{parameter: sum_i scales[parameter][i] * g_i}`` for each parameter in ``scales``.
+
+        Book-keeping (one contraction of the scaled output gradients with the activations) for
+        rule units; the weighted sum of materialised per-sample gradients for fallback units.
+        Linear in ``g_i``, so a parameter used several times is the sum over its uses.
+        """
+        known = {id(p) for p in self.parameters}
+        unknown = [p for p in scales if id(p) not in known]
+        if unknown:
+            raise KeyError(
+                f"clipped_sums: {len(unknown)} parameter(s) in scales are not covered by any "
+                f"unit (shapes {[tuple(p.shape) for p in unknown]})"
+            )
+        active = self._active_calls()
+        batch = self._batch_size(active)
+        factor = self._factor(batch)
+        for p, s in scales.items():
+            if tuple(s.shape) != (batch,):
+                raise ValueError(
+                    f"clipped_sums: scales must have shape [B] = [{batch}], got {tuple(s.shape)} "
+                    f"for a parameter of shape {tuple(p.shape)}"
+                )
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        with torch.no_grad():
+            for unit, calls in zip(self.units, active):
+                wanted = [(n, p) for n, p in unit.params if p in scales]
+                if not wanted:
+                    continue
+                for call in calls:
+                    if unit.rule is not None:
+                        a, g = _rule_activation(call), _rule_backprop(unit, call)
+                        s = {
+                            n: (scales[p] if p in scales else torch.zeros(batch, device=p.device, dtype=p.dtype))
+                            for n, p in unit.params
+                        }
+                        res = unit.rule.clipped_sum(unit.module, a, g, s)
+                    else:
+                        grads = self._call_grads(unit, call)
+                        res = {
+                            n: torch.tensordot(scales[p].to(grads[n]), grads[n], dims=1)
+                            for n, p in wanted
+                            if n in grads
+                        }
+                    for n, p in wanted:
+                        if n in res:
+                            _accumulate(out, p, res[n])
+            return {
+                p: (out[p] * factor if p in out else torch.zeros_like(p)) for p in scales
+            }
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_unit(unit: Unit) -> None:
+    m = unit.module
+    if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
+        raise ValueError(
+            f"{unit.name or 'model'}: nn.MultiheadAttention(batch_first=False) puts the batch "
+            "on dim 1; per-sample gradients need it on dim 0. Fix: construct it with "
+            "batch_first=True (and pass [B, L, E] tensors)."
+        )
+
+
+def _check_fallback_kwargs(unit: Unit, call: _Call) -> None:
+    if isinstance(unit.module, nn.MultiheadAttention):
+        for key in ("key_padding_mask",):
+            if isinstance(call.kwargs.get(key), torch.Tensor):
+                raise ValueError(
+                    f"{unit.name or 'model'}: nn.MultiheadAttention got {key} as a keyword "
+                    "argument; the per-sample fallback passes keyword arguments unbatched. "
+                    "Fix: pass it positionally: attn(q, k, v, key_padding_mask)."
+                )
+
+
+def _rule_activation(call: _Call) -> torch.Tensor:
+    if call.inputs:
+        return call.inputs[0]
+    return next(v for v in call.kwargs.values() if isinstance(v, torch.Tensor))
+
+
+def _rule_backprop(unit: Unit, call: _Call) -> torch.Tensor:
+    g = call.grads[0] if len(call.grads) == 1 else None
+    if call.output is not _LEAF or g is None:
+        raise RuntimeError(  # pragma: no cover - rule modules return one tensor
+            f"{unit.name}: expected one output tensor with a gradient from a "
+            f"{type(unit.module).__name__}"
+        )
+    return g
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).pow(2).sum(1) if x.dim() > 1 else x.pow(2)
+
+
+def _accumulate(out: dict, p: nn.Parameter, value: torch.Tensor) -> None:
+    if p in out:
+        out[p] = out[p] + value
+    else:
+        out[p] = value

@@ -1,0 +1,722 @@
+"""GradSampler (hooks during the ordinary backward) and clip_and_sum against the float64 loop oracle.
+
+Every test runs one ordinary forward/backward of a batch with a ``GradSampler`` attached and
+compares per-sample gradients, per-sample squared norms, clipped sums and ``clip_and_sum``
+with ``tests.oracles.per_sample_grads_loop`` (one forward/backward per sample).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpclip.grad_sample.bookkeeping import clip_and_sum
+from dpclip.grad_sample.hooks import GradSampler, Unit, find_units, uncovered_parameters
+from dpclip.grad_sample.rules import RULES
+from tests.oracles import per_sample_grads_loop
+
+DT = torch.float64
+TOL = dict(atol=1e-9, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------- losses
+
+
+def ce_sum(out, y):
+    """Sum over the batch (and over positions for sequence outputs) of cross-entropy."""
+    if out.dim() == 3:
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum")
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def ce_mean(out, y):
+    """The batch mean of the per-sample losses (per-sample loss = sum over positions)."""
+    return ce_sum(out, y) / out.shape[0]
+
+
+LOSSES = {"sum": ce_sum, "mean": ce_mean}
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+class Composite(nn.Module):
+    """Uses its own parameter directly plus a child Linear: a fallback unit."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.inner = nn.Linear(d, d)
+        self.gate = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x)) * torch.sigmoid(self.gate) + self.gate**2
+
+
+class CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.comp = Composite(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.comp(self.lin(x)))
+
+
+class SeqNet(nn.Module):
+    """Embedding + LayerNorm + Linear over a sequence: per-token logits [B, T, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, tok):
+        return self.head(torch.tanh(self.norm(self.emb(tok))))
+
+
+class AttnNet(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((a + h).mean(1))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.lstm = nn.LSTM(3, 4, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x [B, T, 3]
+        seq = x if self.batch_first else x.transpose(0, 1)
+        out, (hn, cn) = self.lstm(seq)
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(torch.cat([last, hn[0] * cn[0]], dim=1))
+
+
+class TiedLM(nn.Module):
+    """Embedding weight assigned to the output Linear: one Parameter, two rule units."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.mix = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tok):
+        return self.out(torch.tanh(self.mix(self.emb(tok))))
+
+
+class TiedHead(nn.Module):
+    """A custom output layer holding the embedding's Parameter and calling F.linear."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        self.weight = emb.weight
+        self.bias = nn.Parameter(torch.randn(emb.num_embeddings))
+
+    def forward(self, h):
+        return F.linear(h, self.weight, self.bias)
+
+
+class TiedLMFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = TiedHead(self.emb)
+
+    def forward(self, tok):
+        return self.head(self.norm(self.emb(tok)))
+
+
+class Twice(nn.Module):
+    """The same Linear applied twice in one forward (plus a shared-instance Sequential)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.shared = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(self.inp(x)))
+        return self.head(torch.tanh(self.shared(h)) + h)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+
+
+def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
+    """float64, every parameter random (so affine norm parameters are not ones / zeros)."""
+    model = model.to(DT)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DT) * 0.5)
+    return model
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def vec_data(B, d=4, C=3, seed=0):
+    g = gen(seed)
+    return torch.randn(B, d, generator=g, dtype=DT), torch.randint(0, C, (B,), generator=g)
+
+
+def tok_data(B, T=5, V=7, C=None, seed=0):
+    g = gen(seed)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, C or V, (B, T), generator=g)
+
+
+CASES = {
+    "mlp": (lambda: mlp(), lambda B: vec_data(B)),
+    "cnn": (lambda: cnn(), lambda B: (torch.randn(B, 2, 4, 4, generator=gen(), dtype=DT),
+                                      torch.randint(0, 3, (B,), generator=gen(1)))),
+    "seq": (lambda: SeqNet(), lambda B: tok_data(B, C=4)),
+    "custom": (lambda: CustomNet(), lambda B: vec_data(B)),
+    "attn": (lambda: AttnNet(), lambda B: (torch.randn(B, 3, 3, generator=gen(), dtype=DT),
+                                           torch.randint(0, 3, (B,), generator=gen(1)))),
+    "lstm": (lambda: LSTMNet(), lambda B: (torch.randn(B, 4, 3, generator=gen(), dtype=DT),
+                                           torch.randint(0, 3, (B,), generator=gen(1)))),
+    "lstm_seq_first": (lambda: LSTMNet(batch_first=False),
+                       lambda B: (torch.randn(B, 4, 3, generator=gen(), dtype=DT),
+                                  torch.randint(0, 3, (B,), generator=gen(1)))),
+    "tied": (lambda: TiedLM(), lambda B: tok_data(B)),
+    "tied_functional": (lambda: TiedLMFunctional(), lambda B: tok_data(B)),
+    "twice": (lambda: Twice(), lambda B: vec_data(B)),
+}
+
+
+# ---------------------------------------------------------------------------------- checking
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run(model, x, y, loss="mean", ghost="auto"):
+    """One ordinary forward/backward with a sampler attached; returns the live sampler."""
+    gs = GradSampler(model, loss_reduction=loss, ghost=ghost)
+    model.zero_grad(set_to_none=True)
+    LOSSES[loss](model(x), y).backward()
+    return gs
+
+
+def sq(g):
+    return g.flatten(1).pow(2).sum(1)
+
+
+def check(model, x, y, loss="mean", ghost="auto", seed=3):
+    params = trainable(model)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    B = len(x)
+    gs = run(model, x, y, loss, ghost)
+    try:
+        assert gs.batch_size == B
+        psg = gs.per_sample_grads()
+        assert set(map(id, psg)) == set(map(id, params.values()))
+        for n, p in params.items():
+            assert psg[p].shape == (B, *p.shape), n
+            torch.testing.assert_close(psg[p], oracle[n], **TOL, msg=n)
+        norms = gs.per_sample_sq_norms()
+        for n, p in params.items():
+            assert norms[p].shape == (B,), n
+            torch.testing.assert_close(norms[p], sq(oracle[n]), **TOL, msg=n)
+        g = gen(seed)
+        scales = {p: torch.rand(B, generator=g, dtype=DT) for p in params.values()}
+        sums = gs.clipped_sums(scales)
+        for n, p in params.items():
+            want = torch.einsum("b,b...->...", scales[p], oracle[n])
+            assert sums[p].shape == p.shape
+            torch.testing.assert_close(sums[p], want, **TOL, msg=n)
+    finally:
+        gs.remove()
+    return gs
+
+
+# ---------------------------------------------------------------------------------- units
+
+
+def test_find_units_structure():
+    model = CustomNet()
+    units = find_units(model)
+    assert [u.name for u in units] == ["lin", "comp", "head"]
+    assert units[0].rule is RULES[nn.Linear] and units[2].rule is RULES[nn.Linear]
+    comp = units[1]
+    assert isinstance(comp, Unit) and comp.rule is None
+    assert [n for n, _ in comp.params] == ["gate", "inner.weight", "inner.bias"]
+    assert uncovered_parameters(model, units) == []
+
+    attn = find_units(AttnNet())
+    assert [u.name for u in attn] == ["proj", "attn", "head"]
+    assert {n for n, _ in attn[1].params} == {
+        "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
+
+    # a root Linear, frozen params, and a module without any trainable params
+    lin = nn.Linear(2, 2)
+    assert [(u.name, [n for n, _ in u.params]) for u in find_units(lin)] == [("", ["weight", "bias"])]
+    lin.bias.requires_grad_(False)
+    assert [n for n, _ in find_units(lin)[0].params] == ["weight"]
+    lin.weight.requires_grad_(False)
+    assert find_units(lin) == [] and find_units(nn.ReLU()) == []
+    assert uncovered_parameters(lin, []) == []
+    assert uncovered_parameters(nn.Linear(2, 2), []) == ["weight", "bias"]
+
+    # a shared instance is one unit; a tied Parameter is in both units
+    m = Twice()
+    assert [u.name for u in find_units(m)] == ["inp", "shared", "head"]
+    tied = find_units(TiedLM())
+    assert [u.name for u in tied] == ["emb", "mix", "out"]
+    assert tied[0].params[0][1] is tied[2].params[0][1]
+
+
+def test_find_units_propagates_refusals():
+    with pytest.raises(ValueError, match="max_norm"):
+        find_units(nn.Sequential(nn.Embedding(4, 2, max_norm=1.0)))
+
+
+# ---------------------------------------------------------------------------------- oracle
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_against_oracle(case, loss):
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(4)
+    check(model, x, y, loss=loss)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("case", ["mlp", "cnn", "seq", "custom", "attn", "lstm", "tied", "twice"])
+@pytest.mark.parametrize("B", [1, 0])
+def test_small_batches(case, B):
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(B)
+    check(model, x, y, loss="sum")
+    if B == 1:
+        check(model, x, y, loss="mean")
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "seq", "tied", "twice"])
+def test_ghost_always_and_never_agree(case):
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(3)
+    results = []
+    for ghost in ("always", "never", "auto"):
+        check(model, x, y, ghost=ghost)
+        with run(model, x, y, ghost=ghost) as gs:
+            results.append(gs.per_sample_sq_norms())
+    for p in results[0]:
+        torch.testing.assert_close(results[0][p], results[1][p], **TOL)
+        torch.testing.assert_close(results[0][p], results[2][p], **TOL)
+
+
+def test_ghost_always_restores_the_rule_switch():
+    from dpclip.grad_sample import rules
+
+    before = rules.use_ghost
+    model = randomise(mlp())
+    with run(model, *vec_data(3), ghost="always") as gs:
+        gs.per_sample_sq_norms()
+    assert rules.use_ghost is before
+
+
+def test_tied_cross_term_is_included():
+    """The tied weight's norm is not the sum of the two uses' norms (cross term)."""
+    model = randomise(TiedLM())
+    x, y = tok_data(3)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    w = model.emb.weight
+    with run(model, x, y, loss="sum") as gs:
+        got = gs.per_sample_sq_norms()[w]
+        torch.testing.assert_close(got, sq(oracle["emb.weight"]), **TOL)
+        torch.testing.assert_close(gs.per_sample_grads()[w], oracle["emb.weight"], **TOL)
+        # the two uses separately, from the rules: their norms do not add up to the total
+        per_use = []
+        for unit, calls in zip(gs.units, gs._calls):
+            if unit.name in ("emb", "out"):
+                (call,) = calls
+                per_use.append(unit.rule.sq_norms(unit.module, call.inputs[0], call.grads[0])["weight"])
+        assert len(per_use) == 2
+        assert not torch.allclose(per_use[0] + per_use[1], got)
+
+
+def test_frozen_parameters_skipped():
+    model = randomise(CustomNet())
+    model.lin.bias.requires_grad_(False)
+    model.comp.inner.weight.requires_grad_(False)
+    model.head.weight.requires_grad_(False)
+    x, y = vec_data(4)
+    gs = check(model, x, y)
+    covered = {id(p) for p in gs.parameters}
+    assert id(model.lin.bias) not in covered and id(model.head.weight) not in covered
+    assert id(model.comp.inner.weight) not in covered and id(model.comp.inner.bias) in covered
+
+
+def test_inplace_relu_after_linear():
+    model = randomise(nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)))
+    check(model, *vec_data(5))
+
+
+def test_unused_call_output_contributes_nothing():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 5)
+            self.aux = nn.Linear(5, 2)  # called, output not in the loss
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            self.aux(h)
+            return self.head(self.body(x) * 0.5 + h)  # body called twice; both used
+
+    model = randomise(Net())
+    check(model, *vec_data(4))
+    with run(model, *vec_data(4)) as gs:
+        assert torch.all(gs.per_sample_grads()[model.aux.weight] == 0)
+
+
+# ---------------------------------------------------------------------------------- clip_and_sum
+
+
+def oracle_clip(oracle, params, groups, clipper):
+    names = {id(p): n for n, p in params.items()}
+    norms = torch.stack(
+        [sum(sq(oracle[names[id(p)]]) for p in g).sqrt() for g in groups], dim=1)
+    scales = clipper(norms)
+    out = {}
+    for k, g in enumerate(groups):
+        for p in g:
+            out[p] = torch.einsum("b,b...->...", scales[:, k], oracle[names[id(p)]])
+    return out, norms
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("case", ["mlp", "cnn", "seq", "custom", "attn", "tied", "twice"])
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_clip_and_sum(case, loss):
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(5)
+    params = trainable(model)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    oracle_norms = sq(torch.cat([g.flatten(1) for g in oracle.values()], 1)).sqrt()
+    C = float(oracle_norms.median())  # some samples clipped, some not
+    flat = lambda n: torch.clamp(C / n.clamp_min(1e-12), max=1.0)  # noqa: E731
+    with run(model, x, y, loss=loss) as gs:
+        # flat clipping
+        sums, norms = clip_and_sum(gs, flat)
+        want, want_norms = oracle_clip(oracle, params, [list(params.values())], flat)
+        assert norms.shape == (5, 1)
+        torch.testing.assert_close(norms[:, 0], oracle_norms, **TOL)
+        torch.testing.assert_close(norms, want_norms, **TOL)
+        assert set(map(id, sums)) == set(map(id, params.values()))
+        for p in params.values():
+            torch.testing.assert_close(sums[p], want[p], **TOL)
+        # per-layer groups: one per unit, shared parameters in the first unit that has them
+        groups, placed = [], set()
+        for u in gs.units:
+            g = [p for _, p in u.params if id(p) not in placed]
+            placed.update(map(id, g))
+            if g:
+                groups.append(g)
+        sums, norms = clip_and_sum(gs, flat, groups)
+        want, want_norms = oracle_clip(oracle, params, groups, flat)
+        assert norms.shape == (5, len(groups))
+        torch.testing.assert_close(norms, want_norms, **TOL)
+        for p in params.values():
+            torch.testing.assert_close(sums[p], want[p], **TOL)
+
+
+def test_clip_and_sum_empty_batch_and_errors():
+    model = randomise(mlp())
+    x, y = vec_data(0)
+    with run(model, x, y, loss="sum") as gs:
+        sums, norms = clip_and_sum(gs, lambda n: torch.clamp(1.0 / n, max=1.0))
+        assert norms.shape == (0, 1)
+        for p in model.parameters():
+            assert torch.equal(sums[p], torch.zeros_like(p))
+        ps = list(model.parameters())
+        with pytest.raises(ValueError, match="exactly one group"):
+            clip_and_sum(gs, lambda n: n, [ps, ps[:1]])
+        with pytest.raises(ValueError, match="in no group"):
+            clip_and_sum(gs, lambda n: n, [ps[:1]])
+        with pytest.raises(ValueError, match="not covered"):
+            clip_and_sum(gs, lambda n: n, [ps, [nn.Parameter(torch.zeros(2))]])
+        with pytest.raises(ValueError, match="shape"):
+            clip_and_sum(gs, lambda n: n[:, :0], None)
+
+
+# ---------------------------------------------------------------------------------- hygiene
+
+
+def snapshot(model):
+    return (
+        {n: (set(vars(m)), dict(m._forward_hooks), dict(m._backward_hooks),
+             dict(m._forward_pre_hooks), dict(m._backward_pre_hooks))
+         for n, m in model.named_modules()},
+        {n: (set(vars(p)), p._backward_hooks) for n, p in model.named_parameters()},
+    )
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("case", ["mlp", "custom", "attn", "lstm", "tied"])
+def test_remove_leaves_nothing(case):
+    make, data = CASES[case]
+    model = randomise(make())
+    before = snapshot(model)
+    x, y = data(3)
+    gs = run(model, x, y)
+    assert any(m._forward_hooks for m in model.modules())
+    gs.per_sample_grads()
+    gs.remove()
+    assert snapshot(model) == before
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks
+    for p in model.parameters():
+        assert not p._backward_hooks
+    # after remove, forward/backward captures nothing
+    LOSSES["mean"](model(x), y).backward()
+    assert gs.batch_size == 0
+    # the context manager removes too
+    with GradSampler(model) as gs2:
+        assert any(m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+    del gs2
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("case", ["mlp", "cnn", "custom", "attn", "lstm", "tied", "twice"])
+def test_outputs_and_grads_unchanged_by_hooks(case):
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(4)
+    model.zero_grad(set_to_none=True)
+    out_plain = model(x)
+    ce_mean(out_plain, y).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with run(model, x, y) as gs:
+        out_hooked = model(x)  # a second forward: not backwarded, contributes nothing
+        torch.testing.assert_close(out_hooked, out_plain, rtol=0, atol=0)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, plain[n], rtol=0, atol=0, msg=n)
+        # the batch mean of per-sample grads (mean loss) is the ordinary gradient
+        psg = gs.per_sample_grads()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(psg[p].mean(0), plain[n], **TOL, msg=n)
+
+
+def test_no_capture_without_grad():
+    model = randomise(mlp())
+    x, y = vec_data(4)
+    with GradSampler(model) as gs:
+        with torch.no_grad():
+            model(x)
+        with torch.inference_mode():
+            model(x)
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        assert all(not calls for calls in gs._calls)
+        assert gs.batch_size == 0
+        for p, g in gs.per_sample_grads().items():
+            assert g.shape == (0, *p.shape)
+        model.train()
+        ce_mean(model(x), y).backward()
+        assert gs.batch_size == 4
+
+
+def test_second_backward_without_clear_is_an_error():
+    model = randomise(mlp())
+    x, y = vec_data(4)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    with run(model, x, y) as gs:
+        ce_mean(model(x), y).backward()
+        with pytest.raises(RuntimeError, match="clear"):
+            gs.per_sample_grads()
+        gs.clear()
+        assert gs.batch_size == 0
+        model.zero_grad(set_to_none=True)
+        ce_sum(model(x), y).backward()
+        gs.loss_reduction = "sum"
+        psg = gs.per_sample_grads()
+        torch.testing.assert_close(psg[model[0].weight], oracle["0.weight"], **TOL)
+
+
+def test_retain_graph_double_backward_accumulates():
+    model = randomise(mlp())
+    x, y = vec_data(4)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    with GradSampler(model, loss_reduction="sum") as gs:
+        loss = ce_sum(model(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        psg = gs.per_sample_grads()
+        for n, p in trainable(model).items():
+            torch.testing.assert_close(psg[p], 2 * oracle[n], **TOL)
+
+
+def test_refusals_and_argument_checks():
+    with pytest.raises(ValueError, match="batch_first"):
+        GradSampler(AttnNet(batch_first=False))
+    with pytest.raises(ValueError, match="loss_reduction"):
+        GradSampler(mlp(), loss_reduction="avg")
+    with pytest.raises(ValueError, match="ghost"):
+        GradSampler(mlp(), ghost="sometimes")
+    model = randomise(mlp())
+    with run(model, *vec_data(3)) as gs:
+        with pytest.raises(KeyError):
+            gs.clipped_sums({nn.Parameter(torch.zeros(2)): torch.ones(3)})
+        with pytest.raises(ValueError, match="shape"):
+            gs.clipped_sums({model[0].weight: torch.ones(4)})
+        # a subset of parameters is fine
+        sub = gs.clipped_sums({model[0].bias: torch.ones(3, dtype=DT)})
+        assert list(sub) == [model[0].bias]
+
+
+def test_device_and_dtype_follow_the_model():
+    model = mlp()  # float32
+    x, y = vec_data(3)
+    with run(model, x.float(), y) as gs:
+        for p, g in gs.per_sample_grads().items():
+            assert g.dtype == torch.float32 and g.device == p.device
+        for p, n in gs.per_sample_sq_norms().items():
+            assert n.dtype == torch.float32
+
+
+def test_no_backward_hook_warnings():
+    model = randomise(CustomNet())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with run(model, *vec_data(3)) as gs:
+            gs.per_sample_sq_norms()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_parametrized_module_is_a_fallback_unit():
+    from torch.nn.utils import parametrizations
+
+    model = randomise(nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(),
+                                    nn.Linear(5, 3)))
+    units = find_units(model)
+    assert units[0].name == "0" and units[0].rule is None
+    assert {n for n, _ in units[0].params} == {
+        "bias", "parametrizations.weight.original0", "parametrizations.weight.original1"}
+    check(model, *vec_data(4))
+
+
+@pytest.mark.parametrize("case", ["mlp", "custom", "tied"])
+def test_empty_batch_with_mean_loss(case):
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 0/0 in the mean loss: its (empty) grads are fine
+        with run(model, x, y, loss="mean") as gs:
+            assert gs.batch_size == 0
+            for p, g in gs.per_sample_grads().items():
+                assert g.shape == (0, *p.shape)
+            for p, n in gs.per_sample_sq_norms().items():
+                assert n.shape == (0,)
+            sums = gs.clipped_sums({p: torch.zeros(0, dtype=DT) for p in gs.parameters})
+            for p, s in sums.items():
+                assert torch.equal(s, torch.zeros_like(p))
+
+
+class MaskedAttn(nn.Module):
+    """key_padding_mask built from the input, passed positionally (batched on dim 0)."""
+
+    def __init__(self, keyword=False):
+        super().__init__()
+        self.keyword = keyword
+        self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        mask = x[..., 0] > 0.3
+        mask[:, 0] = False  # never mask every key of a sample
+        if self.keyword:
+            a, _ = self.attn(x, x, x, key_padding_mask=mask, need_weights=False)
+        else:
+            a, _ = self.attn(x, x, x, mask, False)
+        return self.head(a.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_attention_with_positional_key_padding_mask():
+    model = randomise(MaskedAttn())
+    x = torch.randn(4, 5, 3, generator=gen(), dtype=DT)
+    y = torch.randint(0, 2, (4,), generator=gen(1))
+    check(model, x, y)
+    model = randomise(MaskedAttn(keyword=True))
+    with run(model, x, y) as gs:
+        with pytest.raises(ValueError, match="positionally"):
+            gs.per_sample_grads()
+
+
+def test_no_capture_inside_torch_func_transforms():
+    from dpclip.grad_sample.vmap import per_sample_grads_vmap
+
+    model = randomise(mlp())
+    x, y = vec_data(3)
+    with GradSampler(model) as gs:
+        got = per_sample_grads_vmap(model, ce_sum, x, y)
+        assert all(not calls for calls in gs._calls)
+        assert got["0.weight"].shape == (3, 6, 4)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 6))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            if self.training and x.shape[0] > 1:  # the oracle's batches of one skip it
+                h = checkpoint(self.body, x, use_reentrant=reentrant)
+            else:
+                h = self.body(x)
+            return self.head(torch.tanh(h))
+
+    model = randomise(Net())
+    x, y = vec_data(4)
+    if reentrant:
+        x = x.requires_grad_(True)  # the reentrant variant needs an input that requires grad
+    check(model, x, y)
