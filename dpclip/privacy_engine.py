@@ -39,6 +39,7 @@ from .grad_sample.bookkeeping import clip_and_sum
 from .grad_sample.hooks import GradSampler
 from .noise import GaussianNoise
 from .sampling import PoissonBatchSampler, empty_batch_collate
+from .validate import problems as model_problems
 
 __all__ = ["PrivacyEngine", "make_private", "Private", "NotPoissonSampledError"]
 
@@ -131,6 +132,8 @@ class PrivacyEngine:
             problems.append(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
         if clip_controller is not None:
             problems.append("clip_controller is not available in this version; pass clip_controller=None")
+        if isinstance(module, nn.Module):
+            problems.extend(model_problems(module))
         if problems:
             raise ValueError("make_private cannot proceed:\n  - " + "\n  - ".join(problems))
 

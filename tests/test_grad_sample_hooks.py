@@ -720,3 +720,13 @@ def test_activation_checkpointing(reentrant):
     if reentrant:
         x = x.requires_grad_(True)  # the reentrant variant needs an input that requires grad
     check(model, x, y)
+
+
+def test_batchnorm_is_refused_by_the_sampler():
+    import pytest as _pytest
+    from torch import nn as _nn
+
+    from dpclip.grad_sample.hooks import GradSampler as _GradSampler
+
+    with _pytest.raises(ValueError, match="GroupNorm"):
+        _GradSampler(_nn.Sequential(_nn.Linear(3, 3), _nn.BatchNorm1d(3)))

@@ -236,3 +236,28 @@ def test_a_loss_term_outside_the_outputs_is_caught():
     (nn.functional.cross_entropy(model(x), y) + 0.1 * penalty).backward()
     with pytest.raises(ValueError, match="weight_decay"):
         opt.step()
+
+
+def test_unsupported_modules_are_all_listed_with_their_fix():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+        nn.BatchNorm1d(8), nn.Linear(8, 2),
+    )
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))
+    with pytest.raises(ValueError) as info:
+        PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        )
+    text = str(info.value)
+    assert "1 (BatchNorm2d)" in text and "4 (BatchNorm1d)" in text and "GroupNorm" in text
+
+
+def test_refused_layer_settings_are_listed():
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 2))
+    data = TensorDataset(torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,)))
+    with pytest.raises(ValueError, match="max_norm"):
+        PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        )

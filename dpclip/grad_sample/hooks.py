@@ -609,6 +609,11 @@ class GradSampler:
 
 def _check_unit(unit: Unit) -> None:
     m = unit.module
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(
+            f"{unit.name or 'model'}: BatchNorm mixes the samples of a batch, so per-sample "
+            "gradients are not defined. Fix: replace it with nn.GroupNorm."
+        )
     if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
         raise ValueError(
             f"{unit.name or 'model'}: nn.MultiheadAttention(batch_first=False) puts the batch "
