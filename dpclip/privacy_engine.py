@@ -43,7 +43,9 @@ from .validate import problems as model_problems
 
 __all__ = ["PrivacyEngine", "make_private", "Private", "NotPoissonSampledError"]
 
-_GHOST = {"auto": "auto", "bookkeeping": "auto", "hooks": "never"}
+# grad_sample_mode -> (ghost norms, per-layer rules): "hooks" materialises every per-sample
+# gradient (Opacus's hooks mode), "vmap" computes every layer with torch.func.
+_MODES = {"auto": ("auto", True), "bookkeeping": ("auto", True), "hooks": ("never", True), "vmap": ("never", False)}
 _CLIPPING = ("flat", "per_layer", "automatic")
 
 
@@ -123,11 +125,8 @@ class PrivacyEngine:
             problems.append(str(e))
         if clipping not in _CLIPPING:
             problems.append(f"clipping={clipping!r} is not available here; choose one of {_CLIPPING}")
-        if grad_sample_mode not in _GHOST:
-            problems.append(
-                f"grad_sample_mode={grad_sample_mode!r} is not available in make_private; choose one of "
-                f"{tuple(_GHOST)} (the whole-model vmap mode is dpclip.grad_sample.vmap.per_sample_grads_vmap)"
-            )
+        if grad_sample_mode not in _MODES:
+            problems.append(f"grad_sample_mode={grad_sample_mode!r} is not one of {tuple(_MODES)}")
         if loss_reduction not in ("mean", "sum"):
             problems.append(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
         if clip_controller is not None:
@@ -144,7 +143,8 @@ class PrivacyEngine:
                 f"max_grad_norm={max_grad_norm!r} leaves the sensitivity unbounded, so no noise can hide one "
                 "sample; give a finite max_grad_norm (e.g. 1.0)"
             )
-        sampler = GradSampler(module, loss_reduction=loss_reduction, ghost=_GHOST[grad_sample_mode])
+        ghost, use_rules = _MODES[grad_sample_mode]
+        sampler = GradSampler(module, loss_reduction=loss_reduction, ghost=ghost, use_rules=use_rules)
         covered = {id(p) for p in sampler.parameters}
         missing = [
             f"param_groups[{g}][{i}] (shape {tuple(p.shape)})"

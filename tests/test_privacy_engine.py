@@ -53,7 +53,7 @@ def test_no_noise_no_clipping_equals_plain_sgd():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["auto", "hooks", "bookkeeping"])
+@pytest.mark.parametrize("mode", ["auto", "hooks", "bookkeeping", "vmap"])
 def test_clipped_gradient_matches_the_oracle(mode):
     data = _data(16)
     model = _model()

@@ -102,8 +102,10 @@ def _is_parametrized(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module)
 
 
-def find_units(model: nn.Module) -> list[Unit]:
+def find_units(model: nn.Module, *, use_rules: bool = True) -> list[Unit]:
     """The modules to hook, top-down (see the module docstring).
+
+    ``use_rules=False`` makes every unit a torch.func fallback unit (``grad_sample_mode="vmap"``).
 
     * A module whose exact type has a rule is a unit with its own trainable parameters; its
       children are not visited. ``rule_for`` may raise ``ValueError`` for a refused setting.
@@ -124,7 +126,7 @@ def find_units(model: nn.Module) -> list[Unit]:
             return
         seen.add(id(module))
         rule = rule_for(module)
-        if rule is not None:
+        if rule is not None and use_rules:
             params = tuple(
                 (n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad
             )
@@ -298,7 +300,9 @@ class GradSampler:
             gs.clear()
     """
 
-    def __init__(self, model: nn.Module, *, loss_reduction: str = "mean", ghost: str = "auto"):
+    def __init__(
+        self, model: nn.Module, *, loss_reduction: str = "mean", ghost: str = "auto", use_rules: bool = True
+    ):
         if loss_reduction not in _LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if ghost not in _GHOST_MODES:
@@ -306,7 +310,7 @@ class GradSampler:
         self.model = model
         self.loss_reduction = loss_reduction
         self.ghost = ghost
-        self.units: list[Unit] = find_units(model)
+        self.units: list[Unit] = find_units(model, use_rules=use_rules)
         for unit in self.units:
             _check_unit(unit)
         self._calls: list[list[_Call]] = [[] for _ in self.units]
