@@ -43,5 +43,5 @@ class GaussianNoise:
                 out[key] = value.clone()
                 continue
             draw = torch.randn(value.shape, generator=generator, device=generator.device, dtype=value.dtype)
-            out[key] = value + std * draw.to(value.device)
+            out[key] = draw.to(value.device).mul_(std).add_(value)
         return out

@@ -214,7 +214,7 @@ class PrivacyEngine:
         sums = {p: sums.get(p, torch.zeros_like(p)) for p in params}
         noisy = att.noise.add(sums, att.clipper.sensitivity, att.generator)
         for p in params:
-            p.grad = (noisy[p] / att.expected_batch_size).to(p.dtype)
+            p.grad = noisy[p].div_(att.expected_batch_size).to(p.dtype)
         if att.poisson:
             self.accountant.step(noise_multiplier=att.noise.noise_multiplier, sample_rate=att.sample_rate)
         else:

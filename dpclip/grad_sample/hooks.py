@@ -602,7 +602,7 @@ class GradSampler:
                         if n in res:
                             _accumulate(out, p, res[n])
             return {
-                p: (out[p] * factor if p in out else torch.zeros_like(p)) for p in scales
+                p: (out[p].mul_(factor) if p in out else torch.zeros_like(p)) for p in scales
             }
 
 

@@ -1,0 +1,723 @@
+#!/usr/bin/env python
+"""Engine benchmark: one DP-SGD step, non-private vs dpclip (each mode) vs Opacus 1.6 (each mode).
+
+One process times every method on the same models, the same batches and the same batch size:
+
+* ``non-private``      plain ``loss.backward(); optimizer.step()``;
+* ``dpclip auto``      ``dpclip.PrivacyEngine().make_private(grad_sample_mode="auto")``;
+* ``dpclip hooks``     ``grad_sample_mode="hooks"`` (norms from materialised per-sample grads);
+* ``dpclip bookkeeping`` ``grad_sample_mode="bookkeeping"``;
+* ``dpclip vmap``      ``grad_sample_mode="vmap"`` (every layer through torch.func; skipped with
+  the reason if this dpclip does not have the mode);
+* ``opacus hooks`` / ``opacus functorch`` / ``opacus ghost`` -- Opacus 1.6's ``PrivacyEngine``;
+  ghost uses the criterion wrapper that ``make_private(..., criterion=...)`` returns, whose
+  ``loss.backward()`` runs Opacus's two backward passes.
+
+A step is ``zero_grad -> forward -> loss -> backward -> optimizer.step()`` (clip, noise, SGD
+update). Settings: ``poisson_sampling=False`` with a fixed batch size (every method sees the
+same batches, cycled from 4 fixed synthetic batches), ``noise_multiplier=1.0``,
+``max_grad_norm=1.0``, flat clipping, mean loss, SGD lr 0.05, ``torch.set_num_threads(2)``.
+
+Models (synthetic data; sizes picked for a 2-core CPU):
+
+* ``mlp``  784-512-512-10 MLP (perf-baseline W1), 28x28 inputs, B=256;
+* ``cnn``  Opacus's MNIST SampleConvNet with GroupNorm after each conv (perf-baseline W2), B=256;
+* ``text`` Embedding(5000, 64) + LayerNorm + per-token Linear(64, 64) + ReLU, mean-pool over
+  T=64, Linear(64, 2), B=128;
+* ``lstm`` Embedding(1000, 32) + ``nn.LSTM(32, 64, batch_first=True)`` + Linear(64, 2) on the
+  last step, T=32, B=64. dpclip hooks the user's ``nn.LSTM`` and takes its per-sample
+  gradients with an exact per-sample loop (``dpclip.grad_sample.vmap.rnn_per_sample_grads``).
+  Opacus cannot train ``nn.LSTM``: its rows use ``ModuleValidator.fix(model)``, which swaps in
+  ``opacus.layers.DPLSTM`` (same function, same parameter names, a Python loop over time), so
+  the Opacus rows run a slower module than the ``non-private`` row. A ``non-private DPLSTM``
+  row shows that floor.
+
+Timing. Every method has its own copy of the same initial model. After 2 warm-up steps per
+method (dpclip's first step also runs its one-off audit), timed steps are interleaved
+round-robin with a rotating start, ``--steps`` (default 20) per method. Reported: the median
+wall ms/step, samples/s (B / median), the ratio to the ``non-private`` median of the same
+run, the minimum, and the median process CPU time per step (user+sys of both threads; less
+sensitive to other tenants of a shared machine).
+
+Peak memory. Each (model, method) cell runs in a fresh subprocess: imports, model and data
+built, then the RSS high-water mark is reset (``echo 5 > /proc/self/clear_refs``), the method
+is set up and runs 2 steps; ``peak MB = VmHWM(end) - VmRSS(after reset)``: the resident memory
+the method adds on top of the model and data (activations, autograd graph, per-sample
+tensors, hooks' captures). ``ru_maxrss`` is not used: in a child it inherits the parent's
+high-water mark. torch has no CPU allocator statistics (``torch.cuda.memory_stats`` is
+CUDA-only), and ``tracemalloc`` does not see tensor storage. Where clear_refs is unavailable
+the column shows ``VmHWM - VmRSS`` before set-up, marked ``*``.
+
+Correctness (on the side). With ``noise_multiplier=0`` and SGD lr 0, one step on the first
+batch; the gradient each method leaves in ``p.grad`` (clipped sum / B) is compared with Opacus
+hooks' (same flat clipping; Opacus divides by ``norm + 1e-6``, a < 1e-6 relative difference)
+and with a float64 per-sample loop (the ground truth). ``rel`` = max |a - b| over every
+parameter entry / max |b|; dpclip passes if ``rel vs opacus <= 1e-5``.
+
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch is imported (unless already set): with
+libgomp's default spinning, an oversubscribed 2-vCPU VM quantises steps to the 4 ms scheduler
+tick (see docs research perf-baseline.md). It applies to every method alike.
+
+    python experiments/benchmarks/engine.py                      # all models, table
+    python experiments/benchmarks/engine.py --quick              # cnn only, 5 steps, no memory
+    python experiments/benchmarks/engine.py --models mlp,text --batch-size 64 --json out/engine.json
+    python experiments/benchmarks/engine.py --profile lstm "dpclip auto"   # cProfile + torch.profiler
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+THREADS = 2
+NOISE = 1.0
+CLIP = 1.0
+LR = 0.05
+N_BATCHES = 4
+WARMUP = 2
+
+# --------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 512)
+        self.fc2 = nn.Linear(512, 512)
+        self.fc3 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class SampleConvNet(nn.Module):
+    """Opacus examples/mnist.py SampleConvNet, GroupNorm after each conv (perf-baseline W2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 8, 2, padding=3)
+        self.gn1 = nn.GroupNorm(8, 16)
+        self.conv2 = nn.Conv2d(16, 32, 4, 2)
+        self.gn2 = nn.GroupNorm(8, 32)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.gn1(self.conv1(x)))  # [B, 16, 14, 14]
+        x = F.max_pool2d(x, 2, 1)  # [B, 16, 13, 13]
+        x = F.relu(self.gn2(self.conv2(x)))  # [B, 32, 5, 5]
+        x = F.max_pool2d(x, 2, 1)  # [B, 32, 4, 4]
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class TextModel(nn.Module):
+    def __init__(self, vocab=5000, dim=64, classes=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = F.relu(self.proj(self.norm(self.emb(x))))  # [B, T, D]
+        return self.head(h.mean(1))
+
+
+class LSTMModel(nn.Module):
+    def __init__(self, vocab=1000, dim=32, hidden=64, classes=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.emb(x))
+        return self.fc(out[:, -1])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, torch.Generator], torch.Tensor]
+    classes: int
+    batch_size: int
+    opacus_fix: bool = False  # Opacus needs ModuleValidator.fix (nn.LSTM -> DPLSTM)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(
+        "mlp", "MLP 784-512-512-10", MLP, lambda n, g: torch.randn(n, 1, 28, 28, generator=g), 10, 256
+    ),
+    "cnn": ModelSpec(
+        "cnn",
+        "SampleConvNet + GroupNorm, 28x28",
+        SampleConvNet,
+        lambda n, g: torch.randn(n, 1, 28, 28, generator=g),
+        10,
+        256,
+    ),
+    "text": ModelSpec(
+        "text",
+        "Emb(5000,64)+LN+Linear, T=64",
+        TextModel,
+        lambda n, g: torch.randint(0, 5000, (n, 64), generator=g),
+        2,
+        128,
+    ),
+    "lstm": ModelSpec(
+        "lstm",
+        "Emb(1000,32)+nn.LSTM(32,64), T=32",
+        LSTMModel,
+        lambda n, g: torch.randint(0, 1000, (n, 32), generator=g),
+        2,
+        64,
+        opacus_fix=True,
+    ),
+}
+
+METHODS = [
+    "non-private",
+    "dpclip auto",
+    "dpclip hooks",
+    "dpclip bookkeeping",
+    "dpclip vmap",
+    "opacus hooks",
+    "opacus functorch",
+    "opacus ghost",
+]
+DPCLIP_MODES = [m for m in METHODS if m.startswith("dpclip")]
+EXTRA_LSTM = "non-private DPLSTM"  # the floor of the Opacus rows on the lstm model
+
+
+def methods_for(spec: ModelSpec) -> list[str]:
+    return METHODS + ([EXTRA_LSTM] if spec.opacus_fix else [])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_data(spec: ModelSpec, batch_size: int):
+    g = torch.Generator().manual_seed(0)
+    n = batch_size * N_BATCHES
+    x = spec.inputs(n, g)
+    y = torch.randint(0, spec.classes, (n,), generator=g)
+    batches = [(x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]) for i in range(N_BATCHES)]
+    return TensorDataset(x, y), batches
+
+
+def initial_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return copy.deepcopy(spec.build().state_dict())
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Runner:
+    name: str
+    step: Callable[[torch.Tensor, torch.Tensor], None]
+    module: nn.Module  # the unwrapped model whose parameters the optimizer updates
+    keep: list = field(default_factory=list)  # engines etc. kept alive
+
+
+def _opacus_fix(model: nn.Module) -> nn.Module:
+    from opacus.validators import ModuleValidator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ModuleValidator.fix(model)
+
+
+def make_runner(
+    method: str,
+    spec: ModelSpec,
+    state: dict,
+    dataset: TensorDataset,
+    batch_size: int,
+    *,
+    noise: float = NOISE,
+    lr: float = LR,
+    dtype: torch.dtype = torch.float32,
+) -> Runner:
+    model = spec.build()
+    model.load_state_dict(state)
+    model.to(dtype)
+    if method == EXTRA_LSTM or (method.startswith("opacus") and spec.opacus_fix):
+        model = _opacus_fix(model)
+    raw = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loader = DataLoader(dataset, batch_size=batch_size)
+    criterion = nn.CrossEntropyLoss()
+    keep: list = []
+
+    if method.startswith("dpclip"):
+        import dpclip
+
+        engine = dpclip.PrivacyEngine(accountant="rdp")
+        model, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise,
+            max_grad_norm=CLIP,
+            poisson_sampling=False,
+            clipping="flat",
+            grad_sample_mode=method.split()[1],
+            generator=torch.Generator().manual_seed(1),
+        )
+        keep.append(engine)
+    elif method.startswith("opacus"):
+        import opacus
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = opacus.PrivacyEngine(accountant="rdp")
+            out = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                data_loader=loader,
+                noise_multiplier=noise,
+                max_grad_norm=CLIP,
+                poisson_sampling=False,
+                clipping="flat",
+                grad_sample_mode=method.split()[1],
+                noise_generator=torch.Generator().manual_seed(1),
+            )
+        if method == "opacus ghost":
+            model, optimizer, criterion, _ = out
+        else:
+            model, optimizer, _ = out
+        keep.append(engine)
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return Runner(method, step, raw, keep)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def cpu_time() -> float:
+    return time.process_time()  # user + sys of every thread of this process
+
+
+@dataclass
+class Timing:
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def time_model(spec: ModelSpec, batch_size: int, steps: int, methods: list[str], log) -> dict[str, Any]:
+    state = initial_state(spec)
+    dataset, batches = make_data(spec, batch_size)
+    runners: list[Runner] = []
+    errors: dict[str, str] = {}
+    for m in methods:
+        try:
+            r = make_runner(m, spec, state, dataset, batch_size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for i in range(WARMUP):
+                    r.step(*batches[i % N_BATCHES])
+            runners.append(r)
+        except Exception as e:  # skip the mode, say why
+            errors[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            log(f"  [{spec.name}] {m}: skipped ({errors[m]})")
+    timings = {r.name: Timing() for r in runners}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(steps):
+            x, y = batches[k % N_BATCHES]
+            rot = k % max(1, len(runners))
+            for r in runners[rot:] + runners[:rot]:
+                c0, t0 = cpu_time(), time.perf_counter()
+                r.step(x, y)
+                t1, c1 = time.perf_counter(), cpu_time()
+                timings[r.name].wall.append(t1 - t0)
+                timings[r.name].cpu.append(c1 - c0)
+    out: dict[str, Any] = {}
+    for m in methods:
+        if m in errors:
+            out[m] = {"error": errors[m]}
+            continue
+        t = timings[m]
+        med = statistics.median(t.wall)
+        out[m] = {
+            "ms_median": 1e3 * med,
+            "ms_min": 1e3 * min(t.wall),
+            "cpu_ms_median": 1e3 * statistics.median(t.cpu),
+            "samples_per_s": batch_size / med,
+            "steps": len(t.wall),
+        }
+    base = out.get("non-private", {}).get("ms_median")
+    base_cpu = out.get("non-private", {}).get("cpu_ms_median")
+    for m, r in out.items():
+        if "ms_median" in r and base:
+            r["x_nonprivate"] = r["ms_median"] / base
+            r["x_nonprivate_cpu"] = r["cpu_ms_median"] / base_cpu if base_cpu else None
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0])  # kB
+    return out
+
+
+def memory_child(model: str, method: str, batch_size: int) -> None:
+    """Runs in a fresh subprocess; prints one JSON line."""
+    torch.set_num_threads(THREADS)
+    spec = MODELS[model]
+    state = initial_state(spec)
+    dataset, batches = make_data(spec, batch_size)
+    reset = True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        reset = False
+    before = _proc_status()
+    res: dict[str, Any] = {"reset": reset}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = make_runner(method, spec, state, dataset, batch_size)
+            for i in range(WARMUP):
+                r.step(*batches[i % N_BATCHES])
+        after = _proc_status()
+        res["peak_mb"] = (after["VmHWM"] - before["VmRSS"]) / 1024
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}"[:200]
+    print("MEMJSON " + json.dumps(res))
+
+
+def measure_memory(model: str, method: str, batch_size: int, timeout: float = 300) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", model, method, str(batch_size)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    for line in p.stdout.splitlines():
+        if line.startswith("MEMJSON "):
+            return json.loads(line[len("MEMJSON ") :])
+    return {"error": f"child rc={p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"[:200]}
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def f64_reference(spec: ModelSpec, state: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 per-sample loop: (sum_i min(1, C/||g_i||) g_i) / B, keyed by parameter name."""
+    model = spec.build()
+    model.load_state_dict(state)
+    model.double()
+    params = dict(model.named_parameters())
+    names = list(params)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    x = x.double() if x.is_floating_point() else x
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        gs = torch.autograd.grad(loss, [params[n] for n in names])
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in gs))
+        s = min(1.0, CLIP / float(norm)) if float(norm) > 0 else 1.0
+        for n, g in zip(names, gs):
+            total[n] += s * g
+    return {n: t / x.shape[0] for n, t in total.items()}
+
+
+def one_step_grads(method: str, spec: ModelSpec, state: dict, dataset, batches, batch_size) -> dict[str, torch.Tensor]:
+    r = make_runner(method, spec, state, dataset, batch_size, noise=0.0, lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r.step(*batches[0])
+    return {n: p.grad.detach().clone() for n, p in r.module.named_parameters()}
+
+
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = max(float((a[n].double() - b[n].double()).abs().max()) for n in b)
+    den = max(float(b[n].double().abs().max()) for n in b)
+    return num / max(den, 1e-300)
+
+
+def check_model(spec: ModelSpec, batch_size: int, log) -> dict[str, Any]:
+    state = initial_state(spec)
+    dataset, batches = make_data(spec, batch_size)
+    ref64 = f64_reference(spec, state, *batches[0])
+    grads: dict[str, dict] = {}
+    out: dict[str, Any] = {}
+    for m in DPCLIP_MODES + ["opacus hooks", "opacus functorch", "opacus ghost"]:
+        try:
+            grads[m] = one_step_grads(m, spec, state, dataset, batches, batch_size)
+        except Exception as e:
+            out[m] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    ref = grads.get("opacus hooks")
+    for m, g in grads.items():
+        if set(g) != set(ref64):
+            out[m] = {"error": f"parameter names differ: {sorted(set(g) ^ set(ref64))}"}
+            continue
+        row: dict[str, Any] = {"rel_vs_f64": rel_diff(g, ref64)}
+        if ref is not None and m != "opacus hooks":
+            row["rel_vs_opacus"] = rel_diff(g, ref)
+            if m.startswith("dpclip"):
+                row["pass"] = row["rel_vs_opacus"] <= 1e-5
+        out[m] = row
+    return out
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def profile(model: str, method: str, batch_size: int | None, steps: int) -> None:
+    import cProfile
+    import pstats
+
+    torch.set_num_threads(THREADS)
+    spec = MODELS[model]
+    bs = batch_size or spec.batch_size
+    state = initial_state(spec)
+    dataset, batches = make_data(spec, bs)
+    r = make_runner(method, spec, state, dataset, bs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(WARMUP):
+            r.step(*batches[i % N_BATCHES])
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        for k in range(steps):
+            r.step(*batches[k % N_BATCHES])
+        pr.disable()
+        wall = time.perf_counter() - t0
+    print(f"== cProfile: {model} / {method} / B={bs}: {steps} steps, {1e3 * wall / steps:.1f} ms/step (profiled)")
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(30)
+    print(s.getvalue())
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(20)
+    print(s.getvalue())
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with tprofile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for k in range(min(steps, 5)):
+                r.step(*batches[k % N_BATCHES])
+    print(f"== torch.profiler: {model} / {method} ({min(steps, 5)} steps), by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(results: dict[str, Any], memory: bool) -> None:
+    header = ["model", "B", "method", "ms/step", "min ms", "CPU ms", "samples/s", "x non-priv", "x CPU", "peak MB", "steps"]
+    rows = []
+    for model, res in results["models"].items():
+        for m, r in res["timing"].items():
+            mem = res.get("memory", {}).get(m, {})
+            peak = mem.get("peak_mb")
+            peak_s = "-" if not memory else (f"{peak:.0f}" + ("" if mem.get("reset", True) else "*") if peak is not None else "err")
+            if "error" in r:
+                rows.append([model, str(res["batch_size"]), m, "skipped: " + r["error"][:60], "", "", "", "", "", peak_s, ""])
+                continue
+            rows.append(
+                [
+                    model,
+                    str(res["batch_size"]),
+                    m,
+                    fmt(r["ms_median"], ".1f"),
+                    fmt(r["ms_min"], ".1f"),
+                    fmt(r["cpu_ms_median"], ".1f"),
+                    fmt(r["samples_per_s"], ".0f"),
+                    fmt(r.get("x_nonprivate"), ".2f"),
+                    fmt(r.get("x_nonprivate_cpu"), ".2f"),
+                    peak_s,
+                    str(r["steps"]),
+                ]
+            )
+    widths = [max(len(h), *(len(r[i]) for r in rows if not r[3].startswith("skipped") or i < 4)) for i, h in enumerate(header)]
+    left = {0, 2}
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            if i == 3 and c.startswith("skipped"):
+                return "  ".join(out + [c])
+            out.append(c.ljust(widths[i]) if i in left else c.rjust(widths[i]))
+        return "  ".join(out)
+
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    prev = None
+    for r in rows:
+        if prev is not None and r[0] != prev:
+            print()
+        prev = r[0]
+        print(line(r))
+
+
+def print_checks(results: dict[str, Any]) -> None:
+    print("\nCorrectness (noise_multiplier=0, one batch; rel = max|a-b| / max|b| over all gradient entries)")
+    print(f"{'model':6}  {'method':18}  {'rel vs opacus hooks':>20}  {'rel vs float64 loop':>20}  result")
+    for model, res in results["models"].items():
+        for m, r in res.get("check", {}).items():
+            if "error" in r:
+                print(f"{model:6}  {m:18}  error: {r['error']}")
+                continue
+            verdict = "" if "pass" not in r else ("PASS" if r["pass"] else "FAIL")
+            print(f"{model:6}  {m:18}  {fmt(r.get('rel_vs_opacus'), '20.2e') if 'rel_vs_opacus' in r else '(reference)':>20}  {r['rel_vs_f64']:20.2e}  {verdict}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def environment() -> dict[str, Any]:
+    import opacus
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "platform": platform.platform(),
+        "loadavg_start": load,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    ap.add_argument("--batch-size", type=int, default=None, help="one batch size for every model (default: per model)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20; 5 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="cnn only (unless --models), 5 steps, no memory subprocesses")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-cell peak-memory subprocesses")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--profile", nargs=2, metavar=("MODEL", "METHOD"), help="profile one cell (cProfile + torch.profiler) and exit")
+    ap.add_argument("--_mem-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._mem_child:
+        model, method, bs = args._mem_child
+        memory_child(model, method, int(bs))
+        return 0
+    torch.set_num_threads(THREADS)
+    if args.profile:
+        profile(args.profile[0], args.profile[1], args.batch_size, args.steps or 10)
+        return 0
+
+    models = args.models.split(",") if args.models else (["cnn"] if args.quick else list(MODELS))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    steps = args.steps or (5 if args.quick else 20)
+    memory = not (args.no_memory or args.quick)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {"environment": environment(), "settings": {
+        "noise_multiplier": NOISE, "max_grad_norm": CLIP, "lr": LR, "steps": steps, "warmup": WARMUP,
+        "poisson_sampling": False, "memory": "VmHWM after clear_refs reset, fresh subprocess per cell",
+    }, "models": {}}
+    for name in models:
+        spec = MODELS[name]
+        bs = args.batch_size or spec.batch_size
+        t0 = time.perf_counter()
+        log(f"[{name}] timing {len(methods_for(spec))} methods, B={bs}, {steps} steps each ...")
+        res: dict[str, Any] = {"description": spec.description, "batch_size": bs}
+        res["timing"] = time_model(spec, bs, steps, methods_for(spec), log)
+        if memory:
+            log(f"[{name}] peak memory (one subprocess per method) ...")
+            res["memory"] = {m: measure_memory(name, m, bs) for m in methods_for(spec)}
+        if not args.no_check:
+            log(f"[{name}] correctness check ...")
+            try:
+                res["check"] = check_model(spec, bs, log)
+            except Exception:
+                res["check"] = {"all": {"error": traceback.format_exc().splitlines()[-1]}}
+        res["seconds"] = time.perf_counter() - t0
+        results["models"][name] = res
+        log(f"[{name}] done in {res['seconds']:.0f} s")
+    try:
+        results["environment"]["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    results["seconds"] = time.perf_counter() - t_start
+
+    env = results["environment"]
+    print(
+        f"torch {env['torch']}, opacus {env['opacus']}, {env['threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
+        f"sigma={NOISE}, C={CLIP}, flat clipping, poisson_sampling=False, {steps} timed steps (median), {WARMUP} warm-up"
+    )
+    print()
+    print_table(results, memory)
+    if memory:
+        print("\npeak MB: VmHWM - VmRSS after reset, fresh subprocess per cell (set-up + 2 steps); * = no clear_refs reset")
+    if any("lstm" == m for m in models):
+        print("lstm: Opacus rows run opacus.layers.DPLSTM (ModuleValidator.fix); 'non-private DPLSTM' is their floor")
+    if not args.no_check:
+        print_checks(results)
+    print(f"\ntotal {results['seconds']:.0f} s; load average at start {env['loadavg_start']}, at end {env.get('loadavg_end')}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
