@@ -350,14 +350,21 @@ def module_vjp_per_sample(
     are constants. Returns ``{name: [B, *shape]}``.
 
     Implementation: ``vmap`` over samples of ``vjp(functional_call(module, params, x_i[None]))``
-    with cotangent ``grad_output_i[None]``. Recurrent modules go to :func:`rnn_per_sample_grads`.
+    with cotangent ``grad_output_i[None]``. Recurrent modules go to
+    :func:`dpclip.grad_sample.rnn.rnn_per_sample_grads_batched` (which falls back to the loop
+    :func:`rnn_per_sample_grads` for what it does not support).
 
     The forward is *recomputed*, so a module that draws random numbers (dropout inside it, in
     train mode) cannot be handled: its mask would differ from the one of the real forward pass.
     That raises :class:`RandomnessError`.
     """
     if isinstance(module, nn.RNNBase):
-        return rnn_per_sample_grads(module, inputs, grad_output, params=params, kwargs=kwargs)
+        # batched recomputation (exact); it hands what it does not support to the loop below
+        from .rnn import rnn_per_sample_grads_batched
+
+        return rnn_per_sample_grads_batched(
+            module, inputs, grad_output, params=params, kwargs=kwargs
+        )
     if not isinstance(inputs, tuple):
         inputs = (inputs,)
     # detached: the captured tensors belong to the outer graph (and, under a full backward hook,
