@@ -317,6 +317,7 @@ class GradSampler:
         self._round = 0
         self._backward_seen = False
         self._suspended = 0
+        self._grad_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._handles: list[Any] = []
         for i, unit in enumerate(self.units):
             self._handles.append(
@@ -334,6 +335,7 @@ class GradSampler:
 
     def clear(self) -> None:
         """Drop the captured tensors (call after each optimizer step)."""
+        self._grad_cache = {}
         self._calls = [[] for _ in self.units]
         self._round = 0
         self._backward_seen = False
@@ -395,6 +397,7 @@ class GradSampler:
             g = grad.detach()
             call.grads[k] = g if call.grads[k] is None else call.grads[k] + g
             self._backward_seen = True
+            self._grad_cache.clear()  # a new output gradient: cached per-sample grads are stale
             return None
 
         return hook
@@ -461,7 +464,17 @@ class GradSampler:
     # ---------------------------------------------------------------- per-call computations
 
     def _call_grads(self, unit: Unit, call: _Call) -> dict[str, torch.Tensor]:
-        """Unscaled per-sample grads ``{name: [B, *shape]}`` of one call of one unit."""
+        """Unscaled per-sample grads ``{name: [B, *shape]}`` of one call of one unit.
+
+        Cached until the next output gradient or ``clear()``: the norm pass and the
+        clipped-sum pass of one step share them (fallback units and materialising rules).
+        """
+        cached = self._grad_cache.get(id(call))
+        if cached is None:
+            cached = self._grad_cache[id(call)] = self._compute_call_grads(unit, call)
+        return cached
+
+    def _compute_call_grads(self, unit: Unit, call: _Call) -> dict[str, torch.Tensor]:
         if unit.rule is not None:
             a, g = _rule_activation(call), _rule_backprop(unit, call)
             return unit.rule.per_sample_grads(unit.module, a, g)
@@ -526,7 +539,7 @@ class GradSampler:
                 multi = [(n, p) for n, p in unit.params if uses[id(p)] > 1]
                 for call in calls:
                     grads = None
-                    if single and unit.rule is not None and self.ghost != "never":
+                    if single and unit.rule is not None and not unit.rule.materialised and self.ghost != "never":
                         a, g = _rule_activation(call), _rule_backprop(unit, call)
                         if self.ghost == "always":
                             with _ghost_forced_on():
@@ -584,7 +597,7 @@ class GradSampler:
                 if not wanted:
                     continue
                 for call in calls:
-                    if unit.rule is not None:
+                    if unit.rule is not None and not unit.rule.materialised:
                         a, g = _rule_activation(call), _rule_backprop(unit, call)
                         s = {
                             n: (scales[p] if p in scales else torch.zeros(batch, device=p.device, dtype=p.dtype))

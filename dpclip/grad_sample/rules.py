@@ -56,6 +56,9 @@ class LayerRule:
     clipped_sum: Callable[[nn.Module, torch.Tensor, torch.Tensor, Grads], Grads]
     # Raises ValueError (with the fix) for a module configuration no engine can support.
     check: Callable[[nn.Module], None] | None = None
+    # True when sq_norms and clipped_sum go through per_sample_grads anyway (small layers):
+    # the engine then computes the per-sample grads once and reuses them for both.
+    materialised: bool = False
 
 
 def use_ghost(T: int, d: int, p: int) -> bool:
@@ -113,6 +116,7 @@ def _materialised_rule(
         sq_norms=torch.no_grad()(sq_norms),
         clipped_sum=torch.no_grad()(clipped_sum),
         check=check,
+        materialised=True,
     )
 
 
