@@ -211,7 +211,7 @@ class PrivacyEngine:
             sums, _ = clip_and_sum(att.sampler, att.clipper, att.groups)
         else:  # an empty Poisson batch (or no backward): the sum is zero, the noise is not
             sums = {}
-        sums = {p: sums.get(p, torch.zeros_like(p)) for p in params}
+        sums = {p: sums[p] if p in sums else torch.zeros_like(p) for p in params}
         noisy = att.noise.add(sums, att.clipper.sensitivity, att.generator)
         for p in params:
             p.grad = noisy[p].div_(att.expected_batch_size).to(p.dtype)
