@@ -468,3 +468,44 @@ def test_norm_rules_in_bfloat16_match_float64(make, shape):
     for n in ref:
         assert got[n].dtype == torch.bfloat16
         torch.testing.assert_close(got[n].to(DT), ref[n], atol=0.1, rtol=0.05)
+
+
+# --------------------------------------------------------------------------- float32 accuracy
+
+FLOAT32_CASES = [
+    ("linear_seq", lambda: nn.Linear(16, 12), lambda: torch.randn(6, 5, 16)),
+    ("conv2d_groups_dilation", lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2), lambda: torch.randn(5, 4, 9, 9)),
+    ("conv1d_same_reflect", lambda: nn.Conv1d(3, 5, 4, padding="same", padding_mode="reflect"), lambda: torch.randn(5, 3, 12)),
+    ("embedding", lambda: nn.Embedding(20, 8, padding_idx=0), lambda: torch.randint(0, 20, (6, 7))),
+    ("layernorm", lambda: nn.LayerNorm(10), lambda: torch.randn(6, 4, 10)),
+    ("groupnorm", lambda: nn.GroupNorm(2, 6), lambda: torch.randn(5, 6, 7)),
+    ("instancenorm2d", lambda: nn.InstanceNorm2d(3, affine=True), lambda: torch.randn(4, 3, 5, 5)),
+    ("rmsnorm", lambda: nn.RMSNorm(10), lambda: torch.randn(6, 4, 10)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("name,make,inputs", FLOAT32_CASES, ids=[c[0] for c in FLOAT32_CASES])
+def test_float32_rules_within_1e5_of_the_float64_oracle(name, make, inputs):
+    torch.manual_seed(0)
+    layer64 = randomise(make())
+    layer32 = make().float()
+    layer32.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
+    layer64.load_state_dict({k: v.double() for k, v in layer32.state_dict().items()})  # same values
+    x32 = inputs()
+    x64 = x32.double() if x32.is_floating_point() else x32
+    y64 = targets_for(layer64, x64, torch.Generator().manual_seed(3))
+    oracle = per_sample_grads_loop(layer64, sq_loss, x64, y64)
+    a, g = capture(layer32, x32, y64.float())
+    rule = rule_for(layer32)
+    psg = rule.per_sample_grads(layer32, a, g)
+    sq = rule.sq_norms(layer32, a, g)
+    scales = {n: torch.rand(len(x32)) for n in psg}
+    sums = rule.clipped_sum(layer32, a, g, scales)
+    for n, want in oracle.items():
+        scale = want.abs().max().item()
+        assert (psg[n].double() - want).abs().max().item() <= 1e-5 * scale, n
+        want_sq = want.flatten(1).pow(2).sum(1)
+        assert (sq[n].double() - want_sq).abs().max().item() <= 1e-5 * want_sq.max().item(), n
+        want_sum = torch.tensordot(scales[n].double(), want, dims=1)
+        assert (sums[n].double() - want_sum).abs().max().item() <= 1e-5 * max(scale, want_sum.abs().max().item()), n
