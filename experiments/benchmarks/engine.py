@@ -161,6 +161,58 @@ class LSTMModel(nn.Module):
         return self.fc(out[:, -1])
 
 
+class CifarConvNet(nn.Module):
+    """Opacus examples/cifar10.py convnet (perf-baseline W3): 4 x (conv3x3 + GroupNorm(8) + ReLU + avg-pool)."""
+
+    def __init__(self):
+        super().__init__()
+        chans = [3, 32, 64, 64, 128]
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1) for i in range(4))
+        self.norms = nn.ModuleList(nn.GroupNorm(8, chans[i + 1]) for i in range(4))
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.avg_pool2d(F.relu(norm(conv(x))), 2)  # 32 -> 16 -> 8 -> 4 -> 2
+        return self.fc(x.mean((2, 3)))
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block with hand-written 4-head attention (only Linear and LayerNorm)."""
+
+    def __init__(self, dim=128, heads=4, ffn=512):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ff1, self.ff2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (D // self.heads) ** 0.5, dim=-1)
+        x = x + self.out((att @ v).transpose(1, 2).reshape(B, T, D))
+        return x + self.ff2(F.gelu(self.ff1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """perf-baseline W4: Embedding(10k,128) + sinusoidal positions (a buffer) + 2 pre-LN blocks, T=64."""
+
+    def __init__(self, vocab=10_000, dim=128, seq=64, classes=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        pos = torch.arange(seq)[:, None] / (10_000 ** (torch.arange(0, dim, 2) / dim))
+        self.register_buffer("pos", torch.cat([pos.sin(), pos.cos()], dim=1))
+        self.blocks = nn.ModuleList(_Block(dim) for _ in range(2))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos[: x.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -189,6 +241,22 @@ MODELS: dict[str, ModelSpec] = {
         "Emb(5000,64)+LN+Linear, T=64",
         TextModel,
         lambda n, g: torch.randint(0, 5000, (n, 64), generator=g),
+        2,
+        128,
+    ),
+    "cifar": ModelSpec(
+        "cifar",
+        "CIFAR-10 convnet (W3), 32x32",
+        CifarConvNet,
+        lambda n, g: torch.randn(n, 3, 32, 32, generator=g),
+        10,
+        256,
+    ),
+    "transformer": ModelSpec(
+        "transformer",
+        "Emb(10k,128)+2 pre-LN blocks (W4), T=64",
+        Transformer,
+        lambda n, g: torch.randint(0, 10_000, (n, 64), generator=g),
         2,
         128,
     ),
