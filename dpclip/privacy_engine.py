@@ -16,6 +16,12 @@ The user's loop stays ``loss.backward(); optimizer.step(); optimizer.zero_grad()
 * a Poisson data loader (every example joins each batch independently with
   probability ``sample_rate``), the sampling the accountant models.
 
+Once the first non-empty step has passed its audit (the per-sample gradients add up to
+autograd's ``p.grad``), ``loss.backward()`` no longer computes the ordinary gradients of
+most parameters of per-layer-rule units (``GradSampler.set_skip_param_grads``; book-keeping
+does not use them): their ``p.grad`` stays as ``zero_grad()`` left it (``None``) until the
+pre-step hook sets the private gradient, as before.
+
 The optimizer and the model are returned unchanged (same objects): dpclip never
 subclasses or proxies them and sets no attributes on them or their parameters.
 """
@@ -208,6 +214,10 @@ class PrivacyEngine:
             if not att.audited:
                 _audit(att)
                 att.audited = True
+                # the audit passed: from the next step on, autograd no longer computes the
+                # ordinary gradients of rule units' parameters (this hook replaces p.grad
+                # anyway; nothing below reads it)
+                att.sampler.set_skip_param_grads(True)
             sums, _ = clip_and_sum(att.sampler, att.clipper, att.groups)
         else:  # an empty Poisson batch (or no backward): the sum is zero, the noise is not
             sums = {}

@@ -730,3 +730,175 @@ def test_batchnorm_is_refused_by_the_sampler():
 
     with _pytest.raises(ValueError, match="GroupNorm"):
         _GradSampler(_nn.Sequential(_nn.Linear(3, 3), _nn.BatchNorm1d(3)))
+
+
+# ---------------------------------------------------------------------------------- skip_param_grads
+
+
+def _requires_grad(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_skip_param_grads_is_exact(case, loss):
+    """Same per-sample grads, norms and clipped sums; skipped parameters get no .grad."""
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(4)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    params = trainable(model)
+    flags = _requires_grad(model)
+    model.zero_grad(set_to_none=True)
+    out_plain = model(x)
+    with GradSampler(model, loss_reduction=loss, skip_param_grads=True) as gs:
+        assert gs.skip_param_grads
+        out = model(x)
+        assert _requires_grad(model) == flags  # restored right after each call
+        torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
+        LOSSES[loss](out, y).backward()
+        assert _requires_grad(model) == flags
+        skipped = {id(p) for s in gs._skippable for _, p in s}
+        for n, p in params.items():
+            if p.grad is None:  # only a skippable parameter may lose its ordinary gradient
+                assert id(p) in skipped, n
+        B = len(x)
+        psg = gs.per_sample_grads()
+        norms = gs.per_sample_sq_norms()
+        scales = {p: torch.rand(B, generator=gen(3), dtype=DT) for p in params.values()}
+        sums = gs.clipped_sums(scales)
+        for n, p in params.items():
+            torch.testing.assert_close(psg[p], oracle[n], **TOL, msg=n)
+            torch.testing.assert_close(norms[p], sq(oracle[n]), **TOL, msg=n)
+            want = torch.einsum("b,b...->...", scales[p], oracle[n])
+            torch.testing.assert_close(sums[p], want, **TOL, msg=n)
+    assert _requires_grad(model) == flags
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_skip_param_grads_which_parameters():
+    # mlp: the first Linear's input does not require grad -> it keeps its gradient; the second skips
+    model = randomise(mlp())
+    x, y = vec_data(4)
+    with GradSampler(model, skip_param_grads=True):
+        ce_mean(model(x), y).backward()
+    assert model[0].weight.grad is not None and model[0].bias.grad is not None
+    assert model[2].weight.grad is None and model[2].bias.grad is None
+    # a previous .grad is left untouched
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    with GradSampler(model, skip_param_grads=True):
+        ce_mean(model(x), y).backward()
+    assert torch.equal(model[2].weight.grad, torch.ones_like(model[2].weight))
+    # tied parameters (two units) and fallback units keep normal autograd
+    model = randomise(TiedLM())
+    tok, y = tok_data(4)
+    with GradSampler(model, skip_param_grads=True) as gs:
+        ce_mean(model(tok), y).backward()
+        assert model.emb.weight.grad is not None  # shared by emb and out
+        assert model.mix.weight.grad is None and model.mix.bias.grad is None
+        assert all(id(p) != id(model.emb.weight) for s in gs._skippable for _, p in s)
+    model = randomise(CustomNet())
+    x, y = vec_data(4)
+    with GradSampler(model, skip_param_grads=True):
+        ce_mean(model(x), y).backward()
+    assert all(p.grad is not None for p in model.comp.parameters())
+    assert model.head.weight.grad is None
+
+
+def test_skip_param_grads_toggle_and_no_grad():
+    model = randomise(mlp())
+    x, y = vec_data(4)
+    with GradSampler(model) as gs:
+        assert not gs.skip_param_grads
+        gs.set_skip_param_grads(True)
+        assert gs.skip_param_grads
+        gs.set_skip_param_grads(True)  # idempotent: one pair of hooks per unit
+        assert len(model[2]._forward_pre_hooks) == 1
+        with torch.no_grad():
+            model(x)
+        ce_mean(model(x), y).backward()
+        assert model[2].weight.grad is None
+        gs.clear()
+        gs.set_skip_param_grads(False)
+        assert not model[2]._forward_pre_hooks
+        ce_mean(model(x), y).backward()
+        assert model[2].weight.grad is not None
+    # a removed sampler cannot be switched back on
+    gs.set_skip_param_grads(True)
+    assert not gs.skip_param_grads and not model[2]._forward_pre_hooks
+
+
+def test_skip_param_grads_restores_requires_grad_when_forward_raises():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, :5])  # wrong width for b: raises inside b's forward
+
+    model = randomise(Boom())
+    flags = _requires_grad(model)
+    x, _ = vec_data(4)
+    with GradSampler(model, skip_param_grads=True) as gs:
+        with pytest.raises(RuntimeError):
+            model(x)
+        assert _requires_grad(model) == flags
+        assert all(not stack for stack in gs._frozen)
+        # a failing forward pre-hook registered after ours: the forward hook still restores
+        def bad(module, args):
+            raise ValueError("boom")
+
+        h = model.b.register_forward_pre_hook(bad)
+        with pytest.raises(ValueError, match="boom"):
+            model.b(torch.randn(2, 6, dtype=DT, requires_grad=True))
+        h.remove()
+        assert _requires_grad(model) == flags
+    assert _requires_grad(model) == flags
+
+
+def test_skip_param_grads_leaves_functional_call_alone():
+    from torch.func import functional_call
+
+    model = randomise(mlp())
+    x, y = vec_data(4)
+    with GradSampler(model, skip_param_grads=True):
+        w = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+        ce_mean(functional_call(model, w, (x,)), y).backward()
+        assert all(t.grad is not None for t in w.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_skip_param_grads_with_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 6))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            if self.training and x.shape[0] > 1:
+                h = checkpoint(self.body, h, use_reentrant=reentrant)
+            else:
+                h = self.body(h)
+            return self.head(torch.tanh(h))
+
+    model = randomise(Net())
+    x, y = vec_data(4)
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    flags = _requires_grad(model)
+    with GradSampler(model, skip_param_grads=True) as gs:
+        ce_mean(model(x), y).backward()
+        assert _requires_grad(model) == flags
+        assert model.body[3].weight.grad is None and model.head.weight.grad is None
+        psg = gs.per_sample_grads()
+        norms = gs.per_sample_sq_norms()
+        for n, p in trainable(model).items():
+            torch.testing.assert_close(psg[p], oracle[n], **TOL, msg=n)
+            torch.testing.assert_close(norms[p], sq(oracle[n]), **TOL, msg=n)

@@ -261,3 +261,42 @@ def test_refused_layer_settings_are_listed():
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
         )
+
+
+def test_param_grads_are_skipped_after_the_audited_step(monkeypatch):
+    """From the second step on autograd skips the rule units' ordinary gradients; same training."""
+    from dpclip.grad_sample.hooks import GradSampler
+
+    def train(skip: bool):
+        if not skip:
+            monkeypatch.setattr(GradSampler, "set_skip_param_grads", lambda self, enabled: None)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine()
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=DataLoader(_data(), batch_size=8), noise_multiplier=1.0,
+            max_grad_norm=0.5, poisson_sampling=False, generator=torch.Generator().manual_seed(5),
+        )
+        flags = [p.requires_grad for p in model.parameters()]
+        grads_after_backward = []
+        for x, y in loader:
+            nn.functional.cross_entropy(model(x), y).backward()
+            grads_after_backward.append([p.grad is None for p in model.parameters()])
+            opt.step()
+            assert all(p.grad is not None for p in model.parameters())
+            opt.zero_grad()
+            assert [p.requires_grad for p in model.parameters()] == flags
+        engine.detach()
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()], grads_after_backward
+
+    got, none_got = train(skip=True)
+    want, none_want = train(skip=False)
+    assert none_got[0] == [False] * 4  # the audited first step sees every gradient
+    # then the second Linear (its input requires grad) is skipped, the first is not
+    assert all(flags == [False, False, True, True] for flags in none_got[1:])
+    assert all(flags == [False] * 4 for flags in none_want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

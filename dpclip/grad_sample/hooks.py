@@ -28,7 +28,11 @@ a full backward hook raises there). A second backward through the same graph
 
 Nothing is set on modules or parameters: the only state on a module is the forward-hook
 handle, removed by :meth:`GradSampler.remove`; tensor hooks live on the autograd graph of one
-forward pass and die with it.
+forward pass and die with it. The one exception is opt-in: with ``skip_param_grads`` (see
+:meth:`GradSampler.set_skip_param_grads`) a rule unit's own parameters are set to
+``requires_grad=False`` for the duration of each of its calls (restored by an
+``always_call`` forward hook, so also when the forward raises), which keeps autograd from
+computing their ordinary gradients, unused by book-keeping.
 
 Capture happens only in a grad-enabled forward whose output requires grad, so evaluation
 under ``torch.no_grad()`` / ``torch.inference_mode()`` stores nothing, and not inside
@@ -286,6 +290,9 @@ class GradSampler:
     ``loss_reduction``: ``"mean"`` if the loss is the batch mean of per-sample losses (output
     gradients are multiplied by the batch size), ``"sum"`` if it is their sum.
 
+    ``skip_param_grads``: see :meth:`set_skip_param_grads` (default off: ``p.grad`` is computed
+    by ``loss.backward()`` as usual).
+
     ``ghost``: ``"auto"`` lets each rule choose ghost norm or materialisation per layer
     (fastDP's rule); ``"always"`` forces the ghost norm for the layers that have one (Linear,
     Conv, Embedding weights); ``"never"`` materialises every per-sample gradient to take its
@@ -301,7 +308,13 @@ class GradSampler:
     """
 
     def __init__(
-        self, model: nn.Module, *, loss_reduction: str = "mean", ghost: str = "auto", use_rules: bool = True
+        self,
+        model: nn.Module,
+        *,
+        loss_reduction: str = "mean",
+        ghost: str = "auto",
+        use_rules: bool = True,
+        skip_param_grads: bool = False,
     ):
         if loss_reduction not in _LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
@@ -323,6 +336,19 @@ class GradSampler:
             self._handles.append(
                 unit.module.register_forward_hook(self._make_forward_hook(i), with_kwargs=True)
             )
+        # skip_param_grads: per rule unit, the parameters whose autograd gradient may be skipped
+        # (used by this unit only: a parameter shared with another unit keeps normal autograd)
+        owners: dict[int, int] = {}
+        for unit in self.units:
+            for _, p in unit.params:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self._skippable: list[tuple[tuple[str, nn.Parameter], ...]] = [
+            tuple((n, p) for n, p in unit.params if owners[id(p)] == 1) if unit.rule is not None else ()
+            for unit in self.units
+        ]
+        self._skip_handles: list[Any] = []
+        self._frozen: list[list[list[nn.Parameter]]] = [[] for _ in self.units]  # per unit, per open call
+        self.set_skip_param_grads(skip_param_grads)
 
     # ---------------------------------------------------------------- handle
 
@@ -331,7 +357,51 @@ class GradSampler:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.set_skip_param_grads(False)
         self.clear()
+
+    @property
+    def skip_param_grads(self) -> bool:
+        return bool(self._skip_handles)
+
+    def set_skip_param_grads(self, enabled: bool) -> None:
+        """Let autograd skip the ordinary gradients of rule units' parameters (or stop doing so).
+
+        When enabled, each call of a rule unit whose inputs require grad runs with the unit's
+        own trainable parameters temporarily set to ``requires_grad=False`` (restored right
+        after the call, also when it raises), so ``loss.backward()`` computes no weight
+        gradient for them and leaves their ``.grad`` untouched; the output still requires grad
+        (through the input), so the output gradient is captured and the per-sample norms and
+        clipped sums are unchanged. Not applied to fallback units, to parameters shared by
+        several units, or to calls none of whose inputs requires grad (the first layer: its
+        weight gradient would be replaced by an input gradient of the same cost).
+        Only for callers that do not read ``p.grad`` after backward (``PrivacyEngine`` after
+        its first-step audit).
+        """
+        if enabled and not self._skip_handles and self._handles:
+            for i, unit in enumerate(self.units):
+                if not self._skippable[i]:
+                    continue
+                self._skip_handles.append(
+                    unit.module.register_forward_pre_hook(self._make_skip_pre_hook(i), with_kwargs=True)
+                )
+                self._skip_handles.append(
+                    unit.module.register_forward_hook(
+                        self._make_skip_post_hook(i), with_kwargs=True, always_call=True, prepend=True
+                    )
+                )
+        elif not enabled:
+            for h in self._skip_handles:
+                h.remove()
+            self._skip_handles = []
+            self._restore_frozen()
+
+    def _restore_frozen(self) -> None:
+        """Safety net: give back requires_grad to parameters still frozen by an unfinished call."""
+        for stack in self._frozen:
+            while stack:
+                for p in stack.pop():
+                    p.requires_grad_(True)
 
     def clear(self) -> None:
         """Drop the captured tensors (call after each optimizer step)."""
@@ -354,6 +424,39 @@ class GradSampler:
             for _, p in u.params:
                 out.setdefault(id(p), p)
         return list(out.values())
+
+    # ---------------------------------------------------------------- skip_param_grads
+
+    def _make_skip_pre_hook(self, index: int):
+        skippable = self._skippable[index]
+
+        def pre_hook(module, args, kwargs):
+            frozen: list[nn.Parameter] = []
+            self._frozen[index].append(frozen)  # popped by the post hook (always called)
+            if self._suspended or not torch.is_grad_enabled():
+                return None
+            inputs = _leaves((args, kwargs), [])
+            if not any(t.requires_grad for t in inputs) or any(_is_functorch_wrapped(t) for t in inputs):
+                return None
+            params = module._parameters
+            for name, p in skippable:
+                # only the unit's own leaf parameter (not one swapped in by functional_call)
+                if params.get(name) is p and p.requires_grad and p.is_leaf:
+                    p.requires_grad_(False)
+                    frozen.append(p)
+            return None
+
+        return pre_hook
+
+    def _make_skip_post_hook(self, index: int):
+        def post_hook(module, args, kwargs, output):
+            stack = self._frozen[index]
+            if stack:
+                for p in stack.pop():
+                    p.requires_grad_(True)
+            return None
+
+        return post_hook
 
     # ---------------------------------------------------------------- capture
 
