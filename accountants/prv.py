@@ -71,7 +71,7 @@ __all__ = [
 DEFAULT_RELATIVE_ERROR = 0.008
 DEFAULT_ABSOLUTE_ERROR = 5e-4
 MAX_GRID = 1 << 24  # 16.8M points: ~130 MB per real array
-_FIRST_GRID = 1 << 13
+_FIRST_GRID = 1 << 12
 # Fractions of delta spent on the explicit error terms (they move epsilon very little).
 # The explicit error terms are sized by one scale ``err`` (first 1e-3 * delta, smaller when
 # epsilon is sensitive to delta): Hoeffding failure probability ``err``, mass outside the
