@@ -195,6 +195,58 @@ class PrivacyEngine:
         self._attachment = att
         return module, optimizer, loader
 
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float | Sequence[float],
+        epsilon_tolerance: float = 0.01,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+        """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within budget.
+
+        The noise multiplier is calibrated with this engine's accountant for
+        ``epochs * len(data_loader)`` steps at ``sample_rate = batch_size / len(dataset)``,
+        so that epsilon at ``target_delta`` ends in ``[target (1 - tolerance), target]``.
+        """
+        from accountants import get_noise_multiplier
+
+        if not kwargs.get("poisson_sampling", True):
+            raise ValueError(
+                "make_private_with_epsilon needs poisson_sampling=True: the accountant cannot bound "
+                "epsilon for fixed-size shuffled batches"
+            )
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+            raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
+        batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+        n = len(data_loader.dataset)
+        if not batch_size or n == 0:
+            raise ValueError(
+                "cannot infer the sample rate: the data loader needs a batch_size and a non-empty dataset "
+                f"(got batch_size={batch_size!r}, len(dataset)={n})"
+            )
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=min(1.0, batch_size / n),
+            steps=epochs * max(1, len(data_loader)),
+            accountant=self.accountant.name,
+            epsilon_tolerance=epsilon_tolerance,
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
+        )
+
     def detach(self) -> None:
         """Remove every hook dpclip attached; the model and optimizer behave as before."""
         if self._attachment is None:

@@ -300,3 +300,31 @@ def test_param_grads_are_skipped_after_the_audited_step(monkeypatch):
     assert all(flags == [False] * 4 for flags in none_want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_make_private_with_epsilon_spends_the_budget_and_no_more(accountant):
+    model = _model()
+    engine = PrivacyEngine(accountant=accountant)
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=DataLoader(_data(64), batch_size=16), target_epsilon=2.0, target_delta=1e-5,
+        epochs=3, max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
+    )
+    for _ in range(3):
+        for x, y in loader:
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step()
+            opt.zero_grad()
+    assert engine.accountant.history[0][1:] == (0.25, 12)
+    assert 2.0 * 0.99 <= engine.get_epsilon(1e-5) <= 2.0
+
+
+def test_make_private_with_epsilon_refuses_shuffled_batches():
+    model = _model()
+    with pytest.raises(ValueError, match="poisson_sampling=True"):
+        PrivacyEngine().make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+            data_loader=DataLoader(_data(64), batch_size=16), target_epsilon=2.0, target_delta=1e-5,
+            epochs=3, max_grad_norm=1.0, poisson_sampling=False,
+        )
