@@ -142,6 +142,7 @@ class PrivacyEngine:
         if problems:
             raise ValueError("make_private cannot proceed:\n  - " + "\n  - ".join(problems))
 
+        sample_rate, n = _sample_rate(data_loader)
         trainable = [p for p in module.parameters() if p.requires_grad]
         clipper, groups = _clipping(clipping, max_grad_norm, trainable)
         if noise.noise_multiplier > 0 and not math.isfinite(clipper.sensitivity):
@@ -166,15 +167,6 @@ class PrivacyEngine:
             )
 
         dataset = data_loader.dataset
-        n = len(dataset)
-        batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
-        if not batch_size or n == 0:
-            sampler.remove()
-            raise ValueError(
-                "cannot infer the sample rate: the data loader needs a batch_size and a non-empty dataset "
-                f"(got batch_size={batch_size!r}, len(dataset)={n})"
-            )
-        sample_rate = min(1.0, batch_size / n)
         if generator is None:
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         if poisson_sampling:
@@ -223,17 +215,10 @@ class PrivacyEngine:
             )
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
             raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
-        batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
-        n = len(data_loader.dataset)
-        if not batch_size or n == 0:
-            raise ValueError(
-                "cannot infer the sample rate: the data loader needs a batch_size and a non-empty dataset "
-                f"(got batch_size={batch_size!r}, len(dataset)={n})"
-            )
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
-            sample_rate=min(1.0, batch_size / n),
+            sample_rate=_sample_rate(data_loader)[0],
             steps=epochs * max(1, len(data_loader)),
             accountant=self.accountant.name,
             epsilon_tolerance=epsilon_tolerance,
@@ -292,6 +277,18 @@ class PrivacyEngine:
                 "which the accountant does not model; epsilon would be a guess. Use poisson_sampling=True"
             )
         return float(self.accountant.get_epsilon(delta))
+
+
+def _sample_rate(data_loader: DataLoader) -> tuple[float, int]:
+    """``(batch_size / len(dataset), len(dataset))`` of the user's loader: the Poisson sample rate."""
+    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+    n = len(data_loader.dataset)
+    if not batch_size or n == 0:
+        raise ValueError(
+            "cannot infer the sample rate: the data loader needs a batch_size and a non-empty dataset "
+            f"(got batch_size={batch_size!r}, len(dataset)={n})"
+        )
+    return min(1.0, batch_size / n), n
 
 
 def _audit(att: _Attachment) -> None:

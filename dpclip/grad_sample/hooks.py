@@ -324,6 +324,11 @@ class GradSampler:
         self.loss_reduction = loss_reduction
         self.ghost = ghost
         self.units: list[Unit] = find_units(model, use_rules=use_rules)
+        covered: dict[int, nn.Parameter] = {}
+        for u in self.units:
+            for _, p in u.params:
+                covered.setdefault(id(p), p)
+        self._parameters: tuple[nn.Parameter, ...] = tuple(covered.values())
         for unit in self.units:
             _check_unit(unit)
         self._calls: list[list[_Call]] = [[] for _ in self.units]
@@ -418,12 +423,8 @@ class GradSampler:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """Every parameter covered by a unit, once each, in unit order."""
-        out: dict[int, nn.Parameter] = {}
-        for u in self.units:
-            for _, p in u.params:
-                out.setdefault(id(p), p)
-        return list(out.values())
+        """Every parameter covered by a unit, once each, in unit order (fixed at construction)."""
+        return list(self._parameters)
 
     # ---------------------------------------------------------------- skip_param_grads
 
