@@ -13,15 +13,18 @@ noise and records an accounting step).
 
 from __future__ import annotations
 
+import math
+
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["PoissonBatchSampler", "EmptyBatchCollate"]
+__all__ = ["PoissonBatchSampler", "EmptyBatchCollate", "StepPlan", "LogicalBatchSampler", "empty_batch_collate"]
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -76,6 +79,130 @@ class EmptyBatchCollate:
         if len(samples) > 0:
             return self.collate(list(samples))
         return _empty_like(self.example)
+
+
+@dataclass
+class StepPlan:
+    """What the engine needs to know about each physical batch the loader hands out.
+
+    The loader's :class:`LogicalBatchSampler` appends ``(is_last, size)`` when it yields a
+    physical batch; the engine pops one entry per ``optimizer.step()``. A physical batch
+    with ``is_last`` closes its logical batch: only then is noise added, the optimizer
+    allowed to move and one accounting step recorded. The entries are in the order the
+    batches were yielded, so prefetching workers do not reorder them. A new pass over the
+    loader (``iter(loader)``) clears the plan and sets ``restarted``: the engine then drops
+    the clipped sums of a logical batch the user left unfinished (never released, so
+    never accounted) instead of mixing them with another Poisson draw.
+    """
+
+    entries: deque = field(default_factory=deque)
+    restarted: bool = False
+
+    def new_pass(self) -> None:
+        self.entries.clear()
+        self.restarted = True
+
+    def push(self, is_last: bool, size: int) -> None:
+        self.entries.append((bool(is_last), int(size)))
+
+    def pop(self) -> tuple[bool, int] | None:
+        return self.entries.popleft() if self.entries else None
+
+
+class LogicalBatchSampler(Sampler[list[int]]):
+    """Poisson logical batches, each handed out as one or more physical batches.
+
+    * per-sample clipping with virtual batches (``max_physical_batch_size``): the logical
+      batch is cut into consecutive physical batches of at most that size (how it is cut
+      does not matter for privacy: every sample is clipped on its own);
+    * batch clipping with micro-batches (``unit_of``): example ``i`` belongs to the
+      micro-batch unit ``unit_of[i]`` (drawn once, uniformly, independent of the data), and
+      each logical batch is handed out one unit at a time, empty units skipped. Adding or
+      removing one example then changes exactly one unit of one step, so the clipped unit
+      sums have sensitivity ``2 C`` (DESIGN.md §5) and the sampling stays Poisson;
+    * otherwise one physical batch per logical batch.
+
+    A logical batch with no example is handed out as one empty batch, so the step (noise and
+    accounting) still happens.
+    """
+
+    def __init__(
+        self,
+        poisson: PoissonBatchSampler | Sampler[list[int]],
+        plan: StepPlan,
+        max_physical_batch_size: int | None = None,
+        unit_of: torch.Tensor | None = None,
+    ) -> None:
+        if max_physical_batch_size is not None and unit_of is not None:
+            raise ValueError(
+                "batch clipping hands out one micro-batch unit per physical batch (batch_clip_size); "
+                "max_physical_batch_size would split a unit and change what is clipped. Lower batch_clip_size instead"
+            )
+        if max_physical_batch_size is not None:
+            if isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or (
+                max_physical_batch_size <= 0
+            ):
+                raise ValueError(
+                    f"max_physical_batch_size must be a positive integer (samples per forward pass); "
+                    f"got {max_physical_batch_size!r}"
+                )
+        self.poisson = poisson
+        self.plan = plan
+        self.max_physical_batch_size = max_physical_batch_size
+        self.unit_of = unit_of
+        self.units = int(unit_of.max()) + 1 if unit_of is not None and unit_of.numel() else 1
+
+    @property
+    def sample_rate(self) -> float | None:
+        """The Poisson sample rate (``None`` when the logical batches are the user's own)."""
+        return getattr(self.poisson, "sample_rate", None)
+
+    def with_physical_size(self, max_physical_batch_size: int) -> "LogicalBatchSampler":
+        """The same logical batches (same generator and plan), cut to ``max_physical_batch_size``."""
+        return LogicalBatchSampler(self.poisson, self.plan, max_physical_batch_size, self.unit_of)
+
+    def __len__(self) -> int:
+        """Logical batches per pass times the expected number of physical batches in each (rounded up)."""
+        per_step = 1
+        if isinstance(self.poisson, PoissonBatchSampler):
+            expected = self.poisson.sample_rate * self.poisson.num_samples
+        else:
+            expected = getattr(self.poisson, "batch_size", 1) or 1
+        if self.unit_of is not None:
+            per_step = self.units
+        elif self.max_physical_batch_size is not None:
+            per_step = max(1, math.ceil(expected / self.max_physical_batch_size))
+        return len(self.poisson) * per_step
+
+    def split(self, batch: list[int]) -> list[list[int]]:
+        """The physical batches of one logical batch (at least one, possibly empty)."""
+        if not batch:
+            return [[]]
+        if self.unit_of is not None:
+            ids = self.unit_of[torch.as_tensor(batch, dtype=torch.long)]
+            order = torch.argsort(ids, stable=True)
+            ids_sorted = ids[order].tolist()
+            items = [batch[i] for i in order.tolist()]
+            chunks: list[list[int]] = []
+            previous = None
+            for unit, item in zip(ids_sorted, items):
+                if unit != previous:
+                    chunks.append([])
+                    previous = unit
+                chunks[-1].append(item)
+            return chunks
+        if self.max_physical_batch_size is not None:
+            k = self.max_physical_batch_size
+            return [batch[i : i + k] for i in range(0, len(batch), k)]
+        return [batch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.plan.new_pass()
+        for batch in self.poisson:
+            chunks = self.split(batch)
+            for j, chunk in enumerate(chunks):
+                self.plan.push(j == len(chunks) - 1, len(chunk))
+                yield chunk
 
 
 def _empty_like(batch: Any) -> Any:

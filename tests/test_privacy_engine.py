@@ -113,7 +113,7 @@ def test_empty_poisson_batch_still_adds_noise_and_counts():
         module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=1), noise_multiplier=1.0,
         max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
     )
-    loader.batch_sampler.sample_rate = 1e-12  # force empty batches (the accountant keeps 1/8: pessimistic)
+    loader.batch_sampler.poisson.sample_rate = 1e-12  # force empty batches (the accountant keeps 1/8: pessimistic)
     for x, y in loader:
         assert x.shape[0] == 0
         before = [p.detach().clone() for p in model.parameters()]

@@ -1,0 +1,149 @@
+"""Clip-norm controllers: the next clipping thresholds from privatised statistics only.
+
+Interface (DESIGN.md §7). A controller is a small frozen object with
+
+* ``statistics_noise_multiplier(expected_units) -> float | None``: the noise multiplier
+  ``sigma_c`` it needs on the per-group counts of *unclipped units* (a unit is a sample, or a
+  micro-batch in batch clipping), or ``None`` when it reads no statistic at all (``Fixed``);
+* ``update(clip, stats) -> new_clip``: a pure function of the current thresholds ``clip`` (a
+  tuple, one per clipping group) and the privatised :class:`ClipStatistics`.
+
+The engine, not the controller, touches private data. Per step it counts, per group ``g``,
+the units whose norm was at most ``C_g`` and releases the centred counts
+``sum_i (b_ig - 1/2)``, whose L2 sensitivity is ``Delta_c = u * sqrt(G) / 2`` over ``G`` groups
+(``u = 1`` for per-sample clipping; ``u = 2`` in batch clipping, where one sample's presence can
+flip a micro-batch's indicator), with noise std ``sigma_c * Delta_c`` on each count. The count
+release and the gradient release (sensitivity ``S``, noise std ``sigma_grad * S``) together are
+one Gaussian mechanism whose whitened sensitivity is ``sqrt(sigma_grad^-2 + sigma_c^-2)``, so
+the engine lowers the gradient's noise multiplier to
+
+    sigma_grad = (sigma^-2 - sigma_c^-2)^(-1/2)
+
+and the accountant records the step's ``sigma`` (Andrew, Thakkar, McMahan, Ramaswamy 2021,
+"Differentially Private Learning with Adaptive Clipping", §3.2, there with ``G = 1``). See
+:func:`gradient_noise_multiplier`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["ClipStatistics", "Fixed", "Quantile", "gradient_noise_multiplier"]
+
+
+@dataclass(frozen=True)
+class ClipStatistics:
+    """What a controller may read after one step: privatised, so reading it is post-processing.
+
+    Attributes:
+        unclipped_fraction: per clipping group, the noisy count of units whose norm was at
+            most the group's threshold, divided by the expected number of units (may fall
+            outside [0, 1] because of the noise).
+        expected_units: the expected number of units per step (``sample_rate * N``, or the
+            expected number of micro-batches in batch clipping).
+    """
+
+    unclipped_fraction: tuple[float, ...]
+    expected_units: float
+
+
+def gradient_noise_multiplier(noise_multiplier: float, statistics_noise_multiplier: float | None) -> float:
+    """``(sigma^-2 - sigma_c^-2)^(-1/2)``: the gradient's share when a count release shares the step.
+
+    ``noise_multiplier`` (``sigma``) is what the accountant records for the whole step.
+    Returns it unchanged when no statistic is released (``None``) or without noise, and
+    raises when the count noise would use up the whole budget.
+    """
+    if statistics_noise_multiplier is None or noise_multiplier == 0.0:
+        return noise_multiplier
+    rest = noise_multiplier**-2 - statistics_noise_multiplier**-2
+    if not rest > 0:
+        raise ValueError(
+            f"the clip controller's statistics noise multiplier {statistics_noise_multiplier:g} must exceed "
+            f"noise_multiplier={noise_multiplier:g}, or the clip-norm statistics use the whole privacy budget; "
+            "give the controller a larger count_noise_multiplier (e.g. expected batch size / 10)"
+        )
+    return rest**-0.5
+
+
+def _positive(name: str, value: object) -> float:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number; got {value!r}") from None
+    if not (x > 0 and math.isfinite(x)):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Keeps the thresholds; reads no statistic and spends nothing."""
+
+    def statistics_noise_multiplier(self, expected_units: float) -> float | None:
+        return None
+
+    def update(self, clip: Sequence[float], stats: ClipStatistics | None) -> tuple[float, ...]:
+        return tuple(float(c) for c in clip)
+
+
+@dataclass(frozen=True)
+class Quantile:
+    """Andrew et al. 2021: move each threshold geometrically toward a target quantile of the norms.
+
+    ``C_g <- C_g * exp(-learning_rate * (unclipped_fraction_g - target_unclipped_quantile))``:
+    a threshold grows while fewer than the target fraction of units is unclipped, and
+    shrinks otherwise. One threshold per clipping group: with per-layer groups this is the
+    private adaptive layer-wise rule.
+
+    Args:
+        target_unclipped_quantile: the fraction of units to leave unclipped, in (0, 1).
+        learning_rate: the geometric step size (Andrew et al. use 0.2).
+        count_noise_multiplier: ``sigma_c``, the counts' noise std over their sensitivity;
+            ``None`` gives ``expected_units / 10`` (Andrew et al.'s ``sigma_b = B / 20`` on a
+            count of sensitivity 1/2). The gradient keeps ``1 - sigma^2 / sigma_c^2`` of the
+            budget's precision.
+        min_clip, max_clip: the thresholds are kept in this range.
+    """
+
+    target_unclipped_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_multiplier: float | None = None
+    min_clip: float = 1e-6
+    max_clip: float = 1e6
+
+    def __post_init__(self) -> None:
+        q = float(self.target_unclipped_quantile)
+        if not 0.0 < q < 1.0:
+            raise ValueError(
+                f"target_unclipped_quantile must be in (0, 1) (e.g. 0.5); got {self.target_unclipped_quantile!r}"
+            )
+        object.__setattr__(self, "target_unclipped_quantile", q)
+        object.__setattr__(self, "learning_rate", _positive("learning_rate", self.learning_rate))
+        if self.count_noise_multiplier is not None:
+            object.__setattr__(
+                self, "count_noise_multiplier", _positive("count_noise_multiplier", self.count_noise_multiplier)
+            )
+        lo, hi = _positive("min_clip", self.min_clip), _positive("max_clip", self.max_clip)
+        if lo >= hi:
+            raise ValueError(f"min_clip ({lo}) must be below max_clip ({hi})")
+        object.__setattr__(self, "min_clip", lo)
+        object.__setattr__(self, "max_clip", hi)
+
+    def statistics_noise_multiplier(self, expected_units: float) -> float:
+        if self.count_noise_multiplier is not None:
+            return self.count_noise_multiplier
+        return max(float(expected_units), 1.0) / 10.0
+
+    def update(self, clip: Sequence[float], stats: ClipStatistics | None) -> tuple[float, ...]:
+        if stats is None:
+            return tuple(float(c) for c in clip)
+        if len(stats.unclipped_fraction) != len(clip):
+            raise ValueError(f"Quantile.update: {len(stats.unclipped_fraction)} statistics for {len(clip)} thresholds")
+        out = []
+        for c, frac in zip(clip, stats.unclipped_fraction):
+            step = math.exp(-self.learning_rate * (frac - self.target_unclipped_quantile))
+            out.append(min(self.max_clip, max(self.min_clip, float(c) * step)))
+        return tuple(out)
