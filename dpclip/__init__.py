@@ -20,6 +20,10 @@ _LAZY = {
     "make_private": "dpclip.privacy_engine",
     "Private": "dpclip.privacy_engine",
     "NotPoissonSampledError": "dpclip.privacy_engine",
+    "PrivacyBudgetExhausted": "dpclip.privacy_engine",
+    "BatchMemoryManager": "dpclip.sampling",
+    "Fixed": "dpclip.controllers",
+    "Quantile": "dpclip.controllers",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -47,7 +47,7 @@ from .controllers import ClipStatistics, Fixed, gradient_noise_multiplier
 from .grad_sample.bookkeeping import clip_and_sum
 from .grad_sample.hooks import GradSampler
 from .noise import GaussianNoise
-from .sampling import LogicalBatchSampler, PoissonBatchSampler, StepPlan, empty_batch_collate
+from .sampling import LogicalBatchSampler, PoissonBatchSampler, StepPlan, empty_batch_collate, loader_like
 from .validate import problems as model_problems
 
 __all__ = [
@@ -693,23 +693,10 @@ def _loader_problems(loader: DataLoader) -> list[str]:
 
 
 def _rebuild_loader(user: DataLoader, batch_sampler: LogicalBatchSampler, poisson: bool) -> DataLoader:
-    dataset = user.dataset
-    collate = empty_batch_collate(user.collate_fn, dataset) if poisson or batch_sampler.unit_of is not None else (
-        user.collate_fn
-    )
-    kwargs: dict[str, Any] = dict(
-        batch_sampler=batch_sampler,
-        collate_fn=collate,
-        num_workers=user.num_workers,
-        pin_memory=user.pin_memory,
-        timeout=user.timeout,
-        worker_init_fn=user.worker_init_fn,
-        multiprocessing_context=user.multiprocessing_context,
-        persistent_workers=user.persistent_workers,
-    )
-    if user.num_workers > 0:
-        kwargs["prefetch_factor"] = user.prefetch_factor
-    return DataLoader(dataset, **kwargs)
+    """The engine's loader: ``user``'s dataset and settings, dpclip's batches (empty ones collate too)."""
+    empty_ok = poisson or batch_sampler.unit_of is not None
+    collate = empty_batch_collate(user.collate_fn, user.dataset) if empty_ok else user.collate_fn
+    return loader_like(user, batch_sampler, collate)
 
 
 def _clip_groups(kind: str, max_grad_norm: Any, model: nn.Module, trainable: list[nn.Parameter]):

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["PoissonBatchSampler", "EmptyBatchCollate", "StepPlan", "LogicalBatchSampler", "empty_batch_collate"]
+__all__ = ["PoissonBatchSampler", "EmptyBatchCollate", "StepPlan", "LogicalBatchSampler", "BatchMemoryManager", "empty_batch_collate", "loader_like"]
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -224,3 +224,55 @@ def empty_batch_collate(collate_fn: Callable[[list[Any]], Any] | None, dataset: 
     """Wrap ``collate_fn`` (default: torch's) so that an empty Poisson batch collates too."""
     collate = collate_fn if collate_fn is not None else default_collate
     return EmptyBatchCollate(collate, collate([dataset[0]]))
+
+
+def loader_like(user: DataLoader, batch_sampler: Sampler[list[int]], collate_fn: Callable[[list[Any]], Any]) -> DataLoader:
+    """A loader over ``user``'s dataset with ``batch_sampler`` and ``collate_fn``, and ``user``'s worker settings."""
+    kwargs: dict[str, Any] = dict(
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=user.num_workers,
+        pin_memory=user.pin_memory,
+        timeout=user.timeout,
+        worker_init_fn=user.worker_init_fn,
+        multiprocessing_context=user.multiprocessing_context,
+        persistent_workers=user.persistent_workers,
+    )
+    if user.num_workers > 0:
+        kwargs["prefetch_factor"] = user.prefetch_factor
+    return DataLoader(user.dataset, **kwargs)
+
+
+class BatchMemoryManager:
+    """Virtual batches: the same logical (Poisson) batches, in physical batches that fit in memory.
+
+    Opacus-compatible::
+
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=64, optimizer=optimizer) as physical:
+            for x, y in physical:
+                loss_fn(model(x), y).backward()
+                optimizer.step()        # moves the model only after the last physical batch
+                optimizer.zero_grad()
+
+    ``data_loader`` must be the loader ``make_private`` returned. Each physical batch's
+    clipped per-sample gradients are added up; the optimizer step of the last physical batch
+    of a logical batch adds the noise, sets ``p.grad`` and records the one accounting step;
+    the others leave every ``p.grad`` at ``None``, so torch's optimizers skip them. The result
+    equals one step on the whole logical batch. ``optimizer`` is accepted for Opacus
+    compatibility and not needed.
+    """
+
+    def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: Any = None) -> None:
+        sampler = getattr(data_loader, "batch_sampler", None)
+        if not isinstance(sampler, LogicalBatchSampler):
+            raise ValueError(
+                "BatchMemoryManager needs the data loader that make_private returned (it knows where each "
+                f"logical batch ends); got a loader with a {type(sampler).__name__}"
+            )
+        self._loader = loader_like(data_loader, sampler.with_physical_size(max_physical_batch_size), data_loader.collate_fn)
+
+    def __enter__(self) -> DataLoader:
+        return self._loader
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
