@@ -849,9 +849,11 @@ def _audit(att: _Attachment) -> None:
         raise ValueError(
             "the per-sample gradients of " + ", ".join(bad) + " do not add up to the gradient autograd "
             "computed, so clipping would miss part of each sample's gradient. Usual causes: a parameter used "
-            "outside the module that owns it (e.g. F.linear(x, self.embedding.weight) in a parent module: move "
-            "that use into a module that holds the parameter), a loss term that does not depend on the batch "
-            "(e.g. an L2 penalty: use the optimizer's weight_decay), or p.grad not zeroed since the last step"
+            "outside the module that owns it (e.g. F.linear(x, self.embedding.weight) in a parent module, or "
+            "PEFT/LoRA factors applied by a hook or a function rather than by calling the module that holds them: "
+            "call that module in the forward pass, or freeze the parameter with requires_grad=False), a loss term "
+            "that does not depend on the batch (e.g. an L2 penalty: use the optimizer's weight_decay), "
+            "or p.grad not zeroed since the last step"
         )
 
 
