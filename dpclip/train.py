@@ -1,0 +1,436 @@
+"""``dpclip train``: DP-SGD on a real image dataset, end to end, from one call.
+
+::
+
+    from dpclip.train import TrainConfig, train
+    result = train(TrainConfig(dataset="mnist", target_epsilon=3.0, epochs=10))
+    result["test_accuracy"], result["epsilon"]
+
+The loop is the ordinary PyTorch loop on the model, optimizer and Poisson loader that
+:meth:`dpclip.PrivacyEngine.make_private` (or ``make_private_with_epsilon``) returns::
+
+    loss = F.cross_entropy(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+After every epoch the model is evaluated on the test split under ``model.eval()`` and
+``torch.no_grad()`` (the engine's hooks record nothing without autograd, so evaluation
+neither spends privacy nor disturbs the next private step), and one row of metrics is
+written. With ``out``, the run leaves in that folder:
+
+* ``metrics.csv`` — one row per epoch: ``epoch, steps, train_loss, train_accuracy,
+  test_loss, test_accuracy, epsilon, seconds``;
+* ``curves.png`` — test accuracy and ε against epochs;
+* ``checkpoint.pt`` — model and optimizer ``state_dict``, the privacy state (the engine's
+  ``state_dict()`` where it has one, else the accountant's), the sampling/noise generator
+  state, the config and the last metrics;
+* ``result.json`` — what :func:`train` returns.
+
+All randomness comes from explicit ``torch.Generator`` s derived from ``seed`` (model
+initialisation, the training subset, Poisson sampling and noise); torch's global RNG is
+never used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import DATASETS, load_dataset
+from .models import MODELS, build_model, count_parameters
+
+__all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer",
+           "per_layer_bounds", "METRIC_FIELDS"]
+
+OPTIMIZERS = ("sgd", "adam")
+CLIPPINGS = ("flat", "per_layer", "automatic", "batch", "adaptive_layerwise")
+ACCOUNTANTS = ("prv", "rdp")
+METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Give exactly one of ``target_epsilon`` and ``noise_multiplier``.
+
+    ``batch_size`` is the *expected* Poisson batch size: ``sample_rate = batch_size / N``.
+    ``max_grad_norm`` is the clipping bound C (``per_layer``: split evenly, C / sqrt(L) per
+    parameter tensor, so the total sensitivity is still C; ``automatic`` ignores it).
+    ``max_steps`` stops the run early (ε is what the steps run spent); ``train_subset`` trains
+    on a random subset of that many training examples; ``threads`` defaults to the CPUs this
+    process may use.
+    """
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    model: str = "cnn"
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 0.5
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    clipping: str = "flat"
+    max_grad_norm: float = 0.1
+    accountant: str = "prv"
+    grad_sample_mode: str = "auto"
+    seed: int = 0
+    max_steps: int | None = None
+    train_subset: int | None = None
+    threads: int | None = None
+    out: str | None = None
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    eval_batch_size: int = 1024
+    pixels: str = "standard"
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` listing every invalid setting of ``cfg`` with its fix."""
+    problems = []
+    if cfg.dataset not in DATASETS:
+        problems.append(f"dataset {cfg.dataset!r} is not one of {', '.join(DATASETS)}")
+    if cfg.model not in MODELS:
+        problems.append(f"model {cfg.model!r} is not one of {', '.join(MODELS)}")
+    if (cfg.target_epsilon is None) == (cfg.noise_multiplier is None):
+        problems.append("give exactly one of target_epsilon (e.g. 3) and noise_multiplier (e.g. 1.0)")
+    if cfg.target_epsilon is not None and not 0 < cfg.target_epsilon < math.inf:
+        problems.append(f"target_epsilon must be a finite number > 0 (e.g. 3); got {cfg.target_epsilon}")
+    if cfg.noise_multiplier is not None and not 0 <= cfg.noise_multiplier < math.inf:
+        problems.append(f"noise_multiplier must be >= 0 (e.g. 1.0); got {cfg.noise_multiplier}")
+    if not 0 < cfg.delta < 1:
+        problems.append(f"delta must be in (0, 1), below 1 / dataset size (e.g. 1e-5); got {cfg.delta}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a whole number >= 1; got {value!r}")
+    for name in ("max_steps", "train_subset", "threads"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be a whole number >= 1 (or unset); got {value!r}")
+    if not 0 < cfg.lr < math.inf:
+        problems.append(f"lr must be a finite number > 0 (e.g. 0.5); got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        problems.append(f"momentum must be in [0, 1) (e.g. 0.9); got {cfg.momentum}")
+    if cfg.optimizer not in OPTIMIZERS:
+        problems.append(f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.clipping not in CLIPPINGS:
+        problems.append(f"clipping {cfg.clipping!r} is not one of {', '.join(CLIPPINGS)}")
+    if not 0 < cfg.max_grad_norm < math.inf:
+        problems.append(f"max_grad_norm must be a finite number > 0 (e.g. 0.1); got {cfg.max_grad_norm}")
+    if cfg.accountant not in ACCOUNTANTS:
+        problems.append(f"accountant {cfg.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        problems.append(f"seed must be a whole number >= 0; got {cfg.seed!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# -- small pieces -----------------------------------------------------------------------------
+def _generators(seed: int) -> dict[str, torch.Generator]:
+    """Independent generators for the model, the subset and the private steps, all from ``seed``."""
+    root = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(0, 2**62, (3,), generator=root).tolist()
+    return {k: torch.Generator().manual_seed(s) for k, s in zip(("model", "subset", "private"), seeds)}
+
+
+def random_subset(dataset: TensorDataset, n: int | None, generator: torch.Generator) -> TensorDataset:
+    """``n`` examples of ``dataset`` drawn without replacement (all of it if ``n`` is None)."""
+    total = len(dataset)
+    if n is None:
+        return dataset
+    if n > total:
+        raise ValueError(f"train_subset={n} is larger than the training set ({total} examples); use at most {total}")
+    index = torch.randperm(total, generator=generator)[:n]
+    return TensorDataset(*(t[index] for t in dataset.tensors))
+
+
+def make_optimizer(name: str, params: Any, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``"sgd"`` (with ``momentum``) or ``"adam"`` (``momentum`` is Adam's beta1)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999))
+    raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def per_layer_bounds(model: nn.Module, max_grad_norm: float) -> list[float]:
+    """``C / sqrt(L)`` for each of the ``L`` trainable parameter tensors: total sensitivity ``C``."""
+    count = sum(1 for p in model.parameters() if p.requires_grad)
+    return [max_grad_norm / math.sqrt(count)] * count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1024) -> tuple[float, float]:
+    """``(mean cross-entropy, accuracy)`` of ``model`` on ``dataset``, in eval mode, without autograd.
+
+    ``dataset`` holds images ``[N, C, H, W]`` and labels ``[N]``. The model's training mode is
+    restored afterwards. Without autograd, dpclip's hooks record nothing, so this spends no
+    privacy and leaves the next private step as it was.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        x_all, y_all = dataset.tensors[:2]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(y_all), batch_size):
+            x, y = x_all[start:start + batch_size], y_all[start:start + batch_size]
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        n = max(1, len(y_all))
+        return loss_sum / n, correct / n
+    finally:
+        model.train(was_training)
+
+
+class _Running:
+    """Running mean loss and accuracy over the non-empty training batches of an epoch."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        n = len(y)
+        self.loss_sum += float(loss) * n
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.count += n
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else math.nan
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, unit="step")
+
+
+# -- output files -----------------------------------------------------------------------------
+def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    """Write ``rows`` (dicts with :data:`METRIC_FIELDS`) to ``path`` as CSV."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in METRIC_FIELDS})
+
+
+def plot_curves(path: Path, rows: list[dict[str, float]], title: str, delta: float) -> None:
+    """A PNG of test accuracy (left axis, %) and ε (right axis) against epochs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [100 * r["test_accuracy"] for r in rows], marker="o", color="C0", label="test accuracy")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)", color="C0")
+    ax.grid(True, alpha=0.3)
+    eps_ax = ax.twinx()
+    eps_ax.plot(epochs, [r["epsilon"] for r in rows], marker="s", color="C1", label="\u03b5")
+    eps_ax.set_ylabel(f"\u03b5 at \u03b4 = {delta:g}", color="C1")
+    eps_ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    fig.savefig(path, dpi=120)
+
+
+def privacy_state(engine: Any) -> dict[str, Any]:
+    """The engine's ``state_dict()`` where it has one, else ``{"accountant": accountant.state_dict()}``."""
+    if hasattr(engine, "state_dict"):
+        return {"engine": engine.state_dict()}
+    return {"accountant": engine.accountant.state_dict()}
+
+
+# -- the run ----------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    log: TextIO
+    rows: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+
+
+def _threads(requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _epochs_done(epoch: int, steps_this_epoch: int, steps_per_epoch: int) -> float | int:
+    """``epoch`` when it ran in full, else the fraction done (``max_steps`` cut it short)."""
+    if steps_this_epoch >= steps_per_epoch:
+        return epoch
+    return round(epoch - 1 + steps_this_epoch / steps_per_epoch, 4)
+
+
+def _epsilon(engine: Any, delta: float) -> float:
+    return float(engine.get_epsilon(delta)) if engine.accountant.history else 0.0
+
+
+def train(cfg: TrainConfig, *, log: TextIO | None = None,
+          on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD; returns the result (see the keys below).
+
+    Result keys: ``test_accuracy``, ``test_loss``, ``epsilon`` (spent, at ``delta``),
+    ``delta``, ``epochs`` (completed, fractional if ``max_steps`` cut the last one short),
+    ``steps``, ``seconds`` (wall time: data, training and evaluation), ``noise_multiplier``,
+    ``sample_rate``, ``accountant``, ``history`` (the accountant's ``(noise_multiplier,
+    sample_rate, steps)`` segments), ``train_size``, ``test_size``, ``parameters``, the
+    settings, ``metrics`` (one row per epoch) and ``files`` (paths written under ``out``).
+    Progress and one line per epoch go to ``log`` (default ``sys.stderr``).
+    """
+    from . import PrivacyEngine
+
+    check_config(cfg)
+    log = sys.stderr if log is None else log
+    start = time.perf_counter()
+    threads = _threads(cfg.threads)
+    torch.set_num_threads(threads)
+    gens = _generators(cfg.seed)
+
+    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, pixels=cfg.pixels)
+    train_set = random_subset(train_set, cfg.train_subset, gens["subset"])
+    if cfg.delta >= 1 / len(train_set):
+        raise ValueError(f"delta={cfg.delta:g} is not below 1 / training-set size (1/{len(train_set)}); "
+                         "use a smaller delta (e.g. 1e-5)")
+    channels, height, width = train_set.tensors[0].shape[1:]
+    model = build_model(cfg.model, channels, 10, image_size=height, generator=gens["model"])
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum)
+    loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)))
+    max_grad_norm: Any = per_layer_bounds(model, cfg.max_grad_norm) if cfg.clipping == "per_layer" \
+        else cfg.max_grad_norm
+    engine = PrivacyEngine(accountant=cfg.accountant)
+    common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=max_grad_norm,
+                  poisson_sampling=True, clipping=cfg.clipping, grad_sample_mode=cfg.grad_sample_mode,
+                  generator=gens["private"])
+    if cfg.target_epsilon is not None:
+        model, optimizer, loader = engine.make_private_with_epsilon(
+            target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=cfg.epochs, **common)
+    else:
+        model, optimizer, loader = engine.make_private(noise_multiplier=cfg.noise_multiplier, **common)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                                 cfg.epochs * steps_per_epoch)
+    print(f"dpclip train: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model {cfg.model} "
+          f"({count_parameters(model)} parameters), expected batch {cfg.batch_size}, {steps_per_epoch} steps/epoch, "
+          f"{threads} threads", file=log, flush=True)
+
+    out = Path(cfg.out) if cfg.out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    show_bar = cfg.progress if cfg.progress is not None else bool(getattr(log, "isatty", lambda: False)())
+    run = _Run(cfg, log)
+    eps_every = max(1, steps_per_epoch // 10)
+    model.train()
+    epoch = 0
+    while run.steps < total_steps:
+        epoch += 1
+        epoch_start, first_step, running = time.perf_counter(), run.steps, _Running()
+        bar = _progress_bar(min(steps_per_epoch, total_steps - run.steps), f"epoch {epoch}/{cfg.epochs}", show_bar)
+        epsilon = _epsilon(engine, cfg.delta)
+        for x, y in loader:
+            if len(y) > 0:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                running.add(logits.detach(), y, loss.detach())
+            optimizer.step()  # an empty Poisson batch still adds noise and an accounting step
+            optimizer.zero_grad(set_to_none=True)
+            run.steps += 1
+            if run.steps == 1:
+                noise_multiplier, sample_rate, _ = engine.accountant.history[-1]
+                print(f"noise multiplier {noise_multiplier:.4g}, sample rate {sample_rate:.4g}"
+                      + (f" (calibrated for \u03b5 = {cfg.target_epsilon:g} after {cfg.epochs} epochs)"
+                         if cfg.target_epsilon is not None else ""), file=log, flush=True)
+            if bar is not None:
+                if run.steps % eps_every == 0:
+                    epsilon = _epsilon(engine, cfg.delta)
+                bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{100 * running.accuracy:.1f}%",
+                                eps=f"{epsilon:.3g}", refresh=False)
+                bar.update(1)
+            if run.steps >= total_steps:
+                break
+        if bar is not None:
+            bar.close()
+        test_loss, test_accuracy = evaluate(model, test_set, cfg.eval_batch_size)
+        row = {"epoch": _epochs_done(epoch, run.steps - first_step, steps_per_epoch),
+               "steps": run.steps, "train_loss": running.loss, "train_accuracy": running.accuracy,
+               "test_loss": test_loss, "test_accuracy": test_accuracy, "epsilon": _epsilon(engine, cfg.delta),
+               "seconds": time.perf_counter() - epoch_start}
+        run.rows.append(row)
+        print(f"epoch {row['epoch']:g}/{cfg.epochs}  train loss {row['train_loss']:.4f}  train acc "
+              f"{100 * row['train_accuracy']:.2f}%  test acc {100 * test_accuracy:.2f}%  "
+              f"\u03b5 {row['epsilon']:.3f}  {row['seconds']:.1f}s", file=log, flush=True)
+        if out is not None:
+            write_metrics(out / "metrics.csv", run.rows)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    last = run.rows[-1]
+    noise_multiplier, sample_rate, _ = engine.accountant.history[-1]  # what the engine ran with
+    result: dict[str, Any] = {
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "epsilon": last["epsilon"],
+        "delta": cfg.delta,
+        "epochs": last["epoch"],
+        "steps": run.steps,
+        "seconds": time.perf_counter() - start,
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": sample_rate,
+        "accountant": cfg.accountant,
+        "history": [list(h) for h in engine.accountant.history],
+        "target_epsilon": cfg.target_epsilon,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "parameters": count_parameters(model),
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "optimizer": cfg.optimizer,
+        "clipping": cfg.clipping,
+        "max_grad_norm": cfg.max_grad_norm,
+        "seed": cfg.seed,
+        "threads": threads,
+        "metrics": run.rows,
+        "files": {},
+    }
+    if out is not None:
+        files = {"metrics": out / "metrics.csv", "plot": out / "curves.png", "checkpoint": out / "checkpoint.pt",
+                 "result": out / "result.json"}
+        plot_curves(files["plot"], run.rows, f"dpclip: {cfg.dataset}, {cfg.model}, \u03c3 = {noise_multiplier:.3g}, "
+                    f"q = {sample_rate:.3g}", cfg.delta)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "privacy": privacy_state(engine), "generator": gens["private"].get_state(),
+                    "config": asdict(cfg), "metrics": run.rows, "noise_multiplier": noise_multiplier,
+                    "sample_rate": sample_rate, "steps": run.steps}, files["checkpoint"])
+        result["files"] = {k: str(v) for k, v in files.items()}
+        result["seconds"] = time.perf_counter() - start
+        files["result"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
