@@ -9,13 +9,13 @@ Interface (DESIGN.md §7). A controller is a small frozen object with
   tuple, one per clipping group) and the privatised :class:`ClipStatistics`.
 
 The engine, not the controller, touches private data. Per step it counts, per group ``g``,
-the units whose norm was at most ``C_g`` and releases the centred counts
-``sum_i (b_ig - 1/2)``, whose L2 sensitivity is ``Delta_c = u * sqrt(G) / 2`` over ``G`` groups
-(``u = 1`` for per-sample clipping; ``u = 2`` in batch clipping, where one sample's presence can
-flip a micro-batch's indicator), with noise std ``sigma_c * Delta_c`` on each count. The count
-release and the gradient release (sensitivity ``S``, noise std ``sigma_grad * S``) together are
-one Gaussian mechanism whose whitened sensitivity is ``sqrt(sigma_grad^-2 + sigma_c^-2)``, so
-the engine lowers the gradient's noise multiplier to
+the units whose norm was at most ``C_g`` and releases these counts with noise std
+``sigma_c * sqrt(G)`` on each: adding or removing one sample moves each of the ``G`` counts by
+at most 1 (in batch clipping too: it changes one micro-batch, whose indicator can flip), so
+the count vector's L2 sensitivity is ``sqrt(G)``. The count release and the gradient release
+(sensitivity ``S``, noise std ``sigma_grad * S``) together are one Gaussian mechanism whose
+whitened sensitivity is ``sqrt(sigma_grad^-2 + sigma_c^-2)``, so the engine lowers the
+gradient's noise multiplier to
 
     sigma_grad = (sigma^-2 - sigma_c^-2)^(-1/2)
 
@@ -63,7 +63,7 @@ def gradient_noise_multiplier(noise_multiplier: float, statistics_noise_multipli
         raise ValueError(
             f"the clip controller's statistics noise multiplier {statistics_noise_multiplier:g} must exceed "
             f"noise_multiplier={noise_multiplier:g}, or the clip-norm statistics use the whole privacy budget; "
-            "give the controller a larger count_noise_multiplier (e.g. expected batch size / 10)"
+            "give the controller a larger count_noise_multiplier (e.g. expected batch size / 20), or use larger batches"
         )
     return rest**-0.5
 
@@ -102,9 +102,9 @@ class Quantile:
         target_unclipped_quantile: the fraction of units to leave unclipped, in (0, 1).
         learning_rate: the geometric step size (Andrew et al. use 0.2).
         count_noise_multiplier: ``sigma_c``, the counts' noise std over their sensitivity;
-            ``None`` gives ``expected_units / 10`` (Andrew et al.'s ``sigma_b = B / 20`` on a
-            count of sensitivity 1/2). The gradient keeps ``1 - sigma^2 / sigma_c^2`` of the
-            budget's precision.
+            ``None`` gives Andrew et al.'s recommendation ``expected_units / 20``. The
+            gradient keeps the fraction ``1 - sigma^2 / sigma_c^2`` of the budget's precision
+            (``1 / sigma^2``).
         min_clip, max_clip: the thresholds are kept in this range.
     """
 
@@ -135,7 +135,7 @@ class Quantile:
     def statistics_noise_multiplier(self, expected_units: float) -> float:
         if self.count_noise_multiplier is not None:
             return self.count_noise_multiplier
-        return max(float(expected_units), 1.0) / 10.0
+        return max(float(expected_units), 1.0) / 20.0
 
     def update(self, clip: Sequence[float], stats: ClipStatistics | None) -> tuple[float, ...]:
         if stats is None:

@@ -269,6 +269,9 @@ class PrivacyEngine:
             )
         if clip_controller is not None and not all(math.isfinite(b) for b in bounds):
             raise ValueError("a clip controller needs a finite starting max_grad_norm (e.g. 1.0)")
+        if clip_controller is not None:
+            units = sample_rate * n if clipping != "batch" else _units(sample_rate * n, batch_clip_size)
+            gradient_noise_multiplier(sigma, clip_controller.statistics_noise_multiplier(units))  # raises if too small
 
         sampler = None
         if clipping != "batch":
@@ -316,7 +319,7 @@ class PrivacyEngine:
         unit_of = None
         expected_units = sample_rate * n
         if clipping == "batch":
-            units = 1 if batch_clip_size is None else max(1, round(sample_rate * n / batch_clip_size))
+            units = _units(sample_rate * n, batch_clip_size)
             unit_of = torch.randint(0, units, (n,), generator=sample_generator) if units > 1 else None
             expected_units = float(units)
         if poisson_sampling:
@@ -636,6 +639,11 @@ class PrivacyEngine:
 # ---------------------------------------------------------------------- helpers
 def _os_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def _units(expected_batch_size: float, batch_clip_size: int | None) -> int:
+    """Micro-batch units per step in batch clipping: ``round(expected batch size / batch_clip_size)``."""
+    return 1 if batch_clip_size is None else max(1, round(expected_batch_size / batch_clip_size))
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -88,7 +88,7 @@ RESUME_SCRIPT = textwrap.dedent('''
     from torch import nn
     from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
-    from dpclip import PrivacyEngine
+    from dpclip import PrivacyEngine, Quantile
 
     def build(seed):
         torch.manual_seed(0)
@@ -99,7 +99,8 @@ RESUME_SCRIPT = textwrap.dedent('''
         engine = PrivacyEngine()
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.0,
-            max_grad_norm=1.0, clipping="adaptive_layerwise", generator=torch.Generator().manual_seed(seed),
+            max_grad_norm=1.0, clipping="adaptive_layerwise", clip_controller=Quantile(count_noise_multiplier=5.0),
+            generator=torch.Generator().manual_seed(seed),
         )
         return model, optimizer, loader, engine
 
