@@ -250,12 +250,16 @@ class PrivacyEngine:
             )
         if isinstance(module, nn.Module):
             problems.extend(model_problems(module, clipping=clipping if clipping in _CLIPPING else "flat"))
+            if clipping in _CLIPPING:
+                try:
+                    groups, names, bounds = _clip_groups(clipping, max_grad_norm, module, _trainable(module))
+                except (TypeError, ValueError) as e:
+                    problems.append(str(e))
         if problems:
             raise ValueError("make_private cannot proceed:\n  - " + "\n  - ".join(problems))
 
         sample_rate, n = _sample_rate(data_loader)
         trainable = _trainable(module)
-        groups, names, bounds = _clip_groups(clipping, max_grad_norm, module, trainable)
         if clipping == "adaptive_layerwise" and clip_controller is None:
             from .controllers import Quantile
 
@@ -886,10 +890,11 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float | Sequence[float],
     accountant: str = "prv",
+    secure_mode: bool = False,
     **kwargs: Any,
 ) -> Private:
-    """The function form of :meth:`PrivacyEngine.make_private`."""
-    engine = PrivacyEngine(accountant=accountant)
+    """The function form of :meth:`PrivacyEngine.make_private` (same keyword arguments)."""
+    engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
     model, optimizer, data_loader = engine.make_private(
         module=model,
         optimizer=optimizer,

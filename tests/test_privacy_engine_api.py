@@ -283,3 +283,16 @@ def test_state_dict_is_plain_data_and_refuses_a_mismatched_engine():
     )
     with pytest.raises(ValueError, match="clipping='per_layer'"):
         other.load_state_dict(state)
+
+
+def test_bad_bounds_are_listed_with_the_other_problems():
+    model, data = _tiny()
+    with pytest.raises(ValueError) as info:
+        PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=10, sampler=WeightedRandomSampler(torch.ones(40), 40)),
+            noise_multiplier=1.0, max_grad_norm=[1.0, 2.0], clipping="per_layer", loss_reduction="avg",
+        )
+    text = str(info.value)
+    assert "one max_grad_norm per trainable parameter tensor" in text and "(4 here)" in text
+    assert "WeightedRandomSampler" in text and "loss_reduction" in text
