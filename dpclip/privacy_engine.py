@@ -437,7 +437,7 @@ class PrivacyEngine:
         entry = att.plan.pop()
         is_last, size = entry if entry is not None else (True, None)
         try:
-            self._accumulate(att, size)
+            self._accumulate(att, size, is_last)
         finally:
             if att.sampler is not None:
                 att.sampler.clear()
@@ -449,7 +449,7 @@ class PrivacyEngine:
         att.sums, att.counts = None, None
         self._release(att, sums or {}, counts)
 
-    def _accumulate(self, att: _Attachment, size: int | None) -> None:
+    def _accumulate(self, att: _Attachment, size: int | None, is_last: bool) -> None:
         """Add this physical batch's clipped sum (and unclipped counts) to the open logical batch."""
         if att.sampler is not None:
             if att.sampler.batch_size == 0:
@@ -468,14 +468,16 @@ class PrivacyEngine:
                 return
             sums, norms = _clip_unit(att, grads)
         if att.sums is None:
-            att.sums = {p: t.detach().clone() for p, t in sums.items()}
+            # a one-piece logical batch (the common case) is released right away: no copy. A piece
+            # that is not the last is copied, as the sampler may reuse its buffers next step
+            att.sums = sums if is_last else {p: t.detach().clone() for p, t in sums.items()}
         else:
             for p, t in sums.items():
                 if p in att.sums:
                     att.sums[p].add_(t)
                 else:
                     att.sums[p] = t.detach().clone()
-        if att.clipping != "automatic":
+        if att.controller is not None and att.clipping != "automatic":  # only a controller reads the counts
             bounds = torch.tensor(att.clip, dtype=norms.dtype, device=norms.device)
             counts = (norms <= bounds).sum(0).to(torch.float64).cpu()
             att.counts = counts if att.counts is None else att.counts + counts
