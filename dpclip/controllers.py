@@ -27,10 +27,13 @@ and the accountant records the step's ``sigma`` (Andrew, Thakkar, McMahan, Ramas
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ClipStatistics", "Fixed", "Quantile", "gradient_noise_multiplier"]
+import torch
+
+__all__ = ["ClipStatistics", "Fixed", "Quantile", "gradient_noise_multiplier", "release_statistics"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,23 @@ class ClipStatistics:
     Attributes:
         unclipped_fraction: per clipping group, the noisy count of units whose norm was at
             most the group's threshold, divided by the expected number of units (may fall
-            outside [0, 1] because of the noise).
+            outside [0, 1] because of the noise). Empty when the controller asked for a
+            histogram instead.
         expected_units: the expected number of units per step (``sample_rate * N``, or the
             expected number of micro-batches in batch clipping).
+        histogram: per group, the noisy counts of unit norms in the bins
+            ``[edges[k] * C_g, edges[k+1] * C_g)`` divided by ``expected_units`` (the first bin
+            starts at 0, the last one is open), when the controller declares
+            ``histogram_edges``; else ``None``.
+        edges: the relative bin edges used (``edges[0] = 0``), or ``None``.
+        clip: the thresholds the statistics were measured at.
     """
 
     unclipped_fraction: tuple[float, ...]
     expected_units: float
+    histogram: tuple[tuple[float, ...], ...] | None = None
+    edges: tuple[float, ...] | None = None
+    clip: tuple[float, ...] = ()
 
 
 def gradient_noise_multiplier(noise_multiplier: float, statistics_noise_multiplier: float | None) -> float:
@@ -66,6 +79,56 @@ def gradient_noise_multiplier(noise_multiplier: float, statistics_noise_multipli
             "give the controller a larger count_noise_multiplier (e.g. expected batch size / 20), or use larger batches"
         )
     return rest**-0.5
+
+
+def release_statistics(
+    controller: Any,
+    norms: torch.Tensor,
+    clip: Sequence[float],
+    expected_units: float,
+    noise_multiplier: float,
+    add_noise: Callable[[float, Mapping[str, torch.Tensor], float], Mapping[str, torch.Tensor]],
+    histogram_sensitivity: float = 1.0,
+) -> ClipStatistics | None:
+    """The privatised statistics ``controller`` asked for, from the units' norms ``[U, G]``.
+
+    ``add_noise(sigma_c, {key: tensor}, sensitivity)`` adds ``N(0, (sigma_c * sensitivity)^2)``
+    to every coordinate (the engine passes its Gaussian or secure noise with its generator).
+    Counts (the default statistic) have L2 sensitivity ``sqrt(G)``; a histogram
+    (``controller.histogram_edges``) has ``histogram_sensitivity * sqrt(G)``, where
+    ``histogram_sensitivity`` is 1 when a unit is one example (add/remove moves one bin by 1)
+    and ``sqrt(2)`` when a unit is a micro-batch (its norm can move from one bin to another).
+    With ``noise_multiplier == 0`` (no privacy at all) the statistics are exact. Returns
+    ``None`` when the controller reads nothing.
+    """
+    clip = tuple(float(c) for c in clip)
+    sigma_c = controller.statistics_noise_multiplier(expected_units)
+    if sigma_c is None:
+        return None
+    if noise_multiplier == 0.0:
+        sigma_c = 0.0
+    groups = len(clip)
+    norms = norms.detach().to(dtype=torch.float64, device="cpu").reshape(-1, groups)
+    bounds = torch.tensor(clip, dtype=torch.float64)
+    edges_of = getattr(controller, "histogram_edges", None)
+    edges = tuple(float(e) for e in edges_of(clip)) if callable(edges_of) else None
+    if edges is None:
+        raw = (norms <= bounds).sum(0).to(torch.float64)
+        noisy = add_noise(sigma_c, {"counts": raw}, math.sqrt(groups))["counts"]
+        return ClipStatistics(
+            tuple(float(c) / expected_units for c in noisy), float(expected_units), clip=clip
+        )
+    if not edges or edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"histogram_edges must start at 0 and increase; got {edges}")
+    inner = torch.tensor(edges[1:], dtype=torch.float64)
+    rows = []
+    for g in range(groups):
+        index = torch.bucketize(norms[:, g] / bounds[g], inner, right=True)  # bin k: [e_k, e_{k+1})
+        rows.append(torch.bincount(index, minlength=len(edges)).to(torch.float64))
+    raw = torch.stack(rows)  # [G, K]
+    noisy = add_noise(sigma_c, {"histogram": raw}, histogram_sensitivity * math.sqrt(groups))["histogram"]
+    histogram = tuple(tuple(float(c) / expected_units for c in row) for row in noisy)
+    return ClipStatistics((), float(expected_units), histogram=histogram, edges=edges, clip=clip)
 
 
 def _positive(name: str, value: object) -> float:

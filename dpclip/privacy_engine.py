@@ -43,7 +43,7 @@ from accountants import make_accountant
 
 from . import noise as noise_module
 from .clipping import AutomaticClipping, FlatClipping, PerLayerClipping
-from .controllers import ClipStatistics, Fixed, gradient_noise_multiplier
+from .controllers import gradient_noise_multiplier, release_statistics
 from .grad_sample.bookkeeping import clip_and_sum
 from .grad_sample.hooks import GradSampler
 from .noise import GaussianNoise
@@ -103,7 +103,7 @@ class _Attachment:
     handles: list[Any] = field(default_factory=list)
     audited: bool = False
     sums: dict[nn.Parameter, torch.Tensor] | None = None   # the open logical batch's clipped sums
-    counts: torch.Tensor | None = None                     # its unclipped-unit counts per group
+    norms: list[torch.Tensor] | None = None                # its units' norms [U, G], for a controller
     steps: int = 0
     clip_history: list[tuple[float, ...]] = field(default_factory=list)
     budget_steps_left: int | None = None
@@ -433,7 +433,7 @@ class PrivacyEngine:
             return
         if att.plan.restarted:  # a new pass over the loader: an unfinished logical batch is dropped
             att.plan.restarted = False
-            att.sums, att.counts = None, None
+            att.sums, att.norms = None, None
         entry = att.plan.pop()
         is_last, size = entry if entry is not None else (True, None)
         try:
@@ -445,12 +445,12 @@ class PrivacyEngine:
             for p in att.params:  # torch's optimizers skip parameters without a gradient
                 p.grad = None
             return
-        sums, counts = att.sums, att.counts
-        att.sums, att.counts = None, None
-        self._release(att, sums or {}, counts)
+        sums, norms = att.sums, att.norms
+        att.sums, att.norms = None, None
+        self._release(att, sums or {}, norms)
 
     def _accumulate(self, att: _Attachment, size: int | None, is_last: bool) -> None:
-        """Add this physical batch's clipped sum (and unclipped counts) to the open logical batch."""
+        """Add this physical batch's clipped sum (and its units' norms) to the open logical batch."""
         if att.sampler is not None:
             if att.sampler.batch_size == 0:
                 return
@@ -477,12 +477,10 @@ class PrivacyEngine:
                     att.sums[p].add_(t)
                 else:
                     att.sums[p] = t.detach().clone()
-        if att.controller is not None and att.clipping != "automatic":  # only a controller reads the counts
-            bounds = torch.tensor(att.clip, dtype=norms.dtype, device=norms.device)
-            counts = (norms <= bounds).sum(0).to(torch.float64).cpu()
-            att.counts = counts if att.counts is None else att.counts + counts
+        if att.controller is not None and att.clipping != "automatic":  # only a controller reads norms
+            att.norms = (att.norms or []) + [norms.detach()]
 
-    def _release(self, att: _Attachment, sums: dict, counts: torch.Tensor | None) -> None:
+    def _release(self, att: _Attachment, sums: dict, norms: list[torch.Tensor] | None) -> None:
         """Noise, scaling, the optimizer's gradient, the controller and the accountant: one logical step."""
         if att.max_epsilon is not None:
             self._check_budget(att)
@@ -498,16 +496,13 @@ class PrivacyEngine:
             p.grad = noisy[p].div_(att.expected_units).to(p.dtype)
         att.clip_history.append(att.clip)
         if att.controller is not None:
-            stats = None
-            if sigma_c is not None:
-                groups = len(att.clip)
-                raw = counts if counts is not None else torch.zeros(groups, dtype=torch.float64)
-                # one unit changes each raw count by at most 1: L2 sensitivity sqrt(G)
-                count_noise = noise_cls(sigma_c if sigma > 0 else 0.0)
-                noisy_counts = count_noise.add({"counts": raw}, math.sqrt(groups), att.generator)["counts"]
-                stats = ClipStatistics(
-                    tuple(float(c) / att.expected_units for c in noisy_counts), float(att.expected_units)
-                )
+            groups = len(att.clip)
+            unit_norms = torch.cat(norms) if norms else torch.zeros(0, groups, dtype=torch.float64)
+            stats = release_statistics(
+                att.controller, unit_norms, att.clip, att.expected_units, sigma,
+                lambda s, values, sens: noise_cls(s).add(values, sens, att.generator),
+                histogram_sensitivity=math.sqrt(2.0) if att.clipping == "batch" else 1.0,
+            )
             att.clip = tuple(float(c) for c in att.controller.update(att.clip, stats))
         if att.poisson:
             self.accountant.step(noise_multiplier=sigma, sample_rate=att.sample_rate)
@@ -601,7 +596,7 @@ class PrivacyEngine:
                 att.generator.set_state(state["generator"])
             if state.get("sample_generator") is not None:
                 att.sample_generator.set_state(state["sample_generator"])
-        att.sums, att.counts = None, None
+        att.sums, att.norms = None, None
         att.budget_steps_left = None
 
     def save_checkpoint(
