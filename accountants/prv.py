@@ -162,7 +162,7 @@ class _Loss:
             lo, hi = float(self.g_inverse(a)), float(self.g_inverse(b))
 
             def integrand(o: float) -> float:
-                dens = ((1 - q) * math.exp(-0.5 * (o / sigma) ** 2) + q * math.exp(-0.5 * ((o - 1) / sigma) ** 2)) / (
+                dens = ((1 - q) * _std_normal_kernel(o / sigma) + q * _std_normal_kernel((o - 1) / sigma)) / (
                     sigma * math.sqrt(2 * math.pi)
                 )
                 return float(self.g(o)) * dens
@@ -171,7 +171,7 @@ class _Loss:
             lo, hi = float(self.g_inverse(-b)), float(self.g_inverse(-a))
 
             def integrand(o: float) -> float:
-                dens = math.exp(-0.5 * (o / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+                dens = _std_normal_kernel(o / sigma) / (sigma * math.sqrt(2 * math.pi))
                 return -float(self.g(o)) * dens
 
         lo = max(lo, -1e300)
@@ -740,3 +740,8 @@ def prv_delta(
             break
         guess = min(max(out, 1e-300), 0.5)
     return min(1.0, out)
+
+
+def _std_normal_kernel(x: float) -> float:
+    """``exp(-x^2 / 2)``, 0 far in the tails (where ``x * x`` would overflow a float)."""
+    return math.exp(-0.5 * x * x) if abs(x) < 40.0 else 0.0

@@ -33,7 +33,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["ClipStatistics", "Fixed", "Quantile", "gradient_noise_multiplier", "release_statistics"]
+__all__ = [
+    "ClipStatistics",
+    "Fixed",
+    "Quantile",
+    "PrivateAutoClip",
+    "PrivateZClip",
+    "MultiObjective",
+    "DEFAULT_EDGES",
+    "gradient_noise_multiplier",
+    "release_statistics",
+    "histogram_estimate",
+]
+
+# relative histogram bin edges: 0, then half-octaves from 1/64 to 64, times each group's threshold
+# (26 bins, the last open)
+DEFAULT_EDGES = (0.0,) + tuple(2.0 ** (k / 2) for k in range(-12, 13))
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,51 @@ class ClipStatistics:
     histogram: tuple[tuple[float, ...], ...] | None = None
     edges: tuple[float, ...] | None = None
     clip: tuple[float, ...] = ()
+    noise_multiplier: float = 0.0
+    dimension: int = 0
+    noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        # only plain numbers get through: a controller can never be handed per-sample tensors
+        object.__setattr__(self, "unclipped_fraction", _floats("unclipped_fraction", self.unclipped_fraction))
+        object.__setattr__(self, "clip", _floats("clip", self.clip))
+        if self.histogram is not None:
+            rows = tuple(_floats("histogram row", row) for row in self.histogram)
+            object.__setattr__(self, "histogram", rows)
+        if self.edges is not None:
+            object.__setattr__(self, "edges", _floats("edges", self.edges))
+        for name in ("expected_units", "noise_multiplier", "noise_std"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                raise TypeError(f"ClipStatistics.{name} must be a float, not a tensor")
+            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "dimension", int(self.dimension))
+
+
+def _floats(name: str, values: Any) -> tuple[float, ...]:
+    if isinstance(values, torch.Tensor) or not isinstance(values, (tuple, list)):
+        raise TypeError(f"ClipStatistics.{name} must be a tuple of floats; got {type(values).__name__}")
+    if any(isinstance(v, torch.Tensor) for v in values):
+        raise TypeError(f"ClipStatistics.{name} must hold floats, not tensors")
+    return tuple(float(v) for v in values)
+
+
+def histogram_estimate(stats: ClipStatistics, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, weights)``: a group's noisy norm histogram as point masses, in absolute norms.
+
+    Each bin is represented by one norm: the midpoint of the first bin ``[0, e_1 C)``, the
+    geometric midpoint ``sqrt(e_k e_{k+1}) C`` of an inner bin, and ``2 e_K C`` for the open last
+    bin. Weights are the noisy fractions (count / expected units) clamped at 0: post-processing
+    of the privatised histogram, so any function of them is private.
+    """
+    if stats.histogram is None or stats.edges is None:
+        raise ValueError("this controller needs a histogram; declare histogram_edges(clip)")
+    c = stats.clip[group]
+    e = stats.edges
+    reps = [e[1] / 2.0] + [math.sqrt(a * b) for a, b in zip(e[1:-1], e[2:])] + [2.0 * e[-1]]
+    values = torch.tensor(reps, dtype=torch.float64) * c
+    weights = torch.tensor(stats.histogram[group], dtype=torch.float64).clamp_min(0.0)
+    return values, weights
 
 
 def gradient_noise_multiplier(noise_multiplier: float, statistics_noise_multiplier: float | None) -> float:
@@ -89,6 +149,8 @@ def release_statistics(
     noise_multiplier: float,
     add_noise: Callable[[float, Mapping[str, torch.Tensor], float], Mapping[str, torch.Tensor]],
     histogram_sensitivity: float = 1.0,
+    dimension: int = 0,
+    noise_std: float = 0.0,
 ) -> ClipStatistics | None:
     """The privatised statistics ``controller`` asked for, from the units' norms ``[U, G]``.
 
@@ -99,10 +161,17 @@ def release_statistics(
     ``histogram_sensitivity`` is 1 when a unit is one example (add/remove moves one bin by 1)
     and ``sqrt(2)`` when a unit is a micro-batch (its norm can move from one bin to another).
     With ``noise_multiplier == 0`` (no privacy at all) the statistics are exact. Returns
-    ``None`` when the controller reads nothing.
+    ``None`` when the controller reads nothing. ``noise_multiplier`` is the step's (what the
+    accountant records); the statistics carry the gradient's share of it and ``dimension``
+    (the number of trainable coordinates), both public.
     """
     clip = tuple(float(c) for c in clip)
     sigma_c = controller.statistics_noise_multiplier(expected_units)
+    public = {
+        "noise_multiplier": gradient_noise_multiplier(noise_multiplier, sigma_c),
+        "dimension": int(dimension),
+        "noise_std": float(noise_std),
+    }
     if sigma_c is None:
         return None
     if noise_multiplier == 0.0:
@@ -116,7 +185,7 @@ def release_statistics(
         raw = (norms <= bounds).sum(0).to(torch.float64)
         noisy = add_noise(sigma_c, {"counts": raw}, math.sqrt(groups))["counts"]
         return ClipStatistics(
-            tuple(float(c) / expected_units for c in noisy), float(expected_units), clip=clip
+            tuple(float(c) / expected_units for c in noisy), float(expected_units), clip=clip, **public
         )
     if not edges or edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(f"histogram_edges must start at 0 and increase; got {edges}")
@@ -128,7 +197,7 @@ def release_statistics(
     raw = torch.stack(rows)  # [G, K]
     noisy = add_noise(sigma_c, {"histogram": raw}, histogram_sensitivity * math.sqrt(groups))["histogram"]
     histogram = tuple(tuple(float(c) / expected_units for c in row) for row in noisy)
-    return ClipStatistics((), float(expected_units), histogram=histogram, edges=edges, clip=clip)
+    return ClipStatistics((), float(expected_units), histogram=histogram, edges=edges, clip=clip, **public)
 
 
 def _positive(name: str, value: object) -> float:
@@ -209,4 +278,246 @@ class Quantile:
         for c, frac in zip(clip, stats.unclipped_fraction):
             step = math.exp(-self.learning_rate * (frac - self.target_unclipped_quantile))
             out.append(min(self.max_clip, max(self.min_clip, float(c) * step)))
+        return tuple(out)
+
+
+def _check_edges(edges: Sequence[float]) -> tuple[float, ...]:
+    edges = tuple(float(e) for e in edges)
+    if len(edges) < 3 or edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must start at 0.0 and increase, with at least 3 entries; got {edges}")
+    return edges
+
+
+def _sigma_c(value: float | None, expected_units: float) -> float:
+    return value if value is not None else max(float(expected_units), 1.0) / 20.0
+
+
+@dataclass
+class PrivateAutoClip:
+    """AutoClip (Seetharaman et al. 2020) from privatised statistics: clip at a percentile of past norms.
+
+    AutoClip clips at the ``percentile``-th percentile of every gradient norm seen so far. Here
+    the norms are never seen: each step releases a noisy histogram of the units' norms (bins
+    relative to the current threshold, ``edges``), which is added, as point masses, to a running
+    histogram on a fixed grid of quarter-octaves (``history_decay < 1`` forgets old steps
+    geometrically). The next threshold is the running histogram's weighted percentile. Mutable
+    state: the running histogram (``state_dict`` / ``load_state_dict``).
+
+    Args:
+        percentile: in (0, 100); AutoClip recommends 10 (most units are clipped).
+        count_noise_multiplier: noise multiplier of the histogram release; ``None``: ``expected_units / 20``.
+        edges: relative bin edges (:data:`DEFAULT_EDGES`).
+        history_decay: weight kept by past steps at each step, in (0, 1].
+    """
+
+    percentile: float = 10.0
+    count_noise_multiplier: float | None = None
+    edges: tuple[float, ...] = DEFAULT_EDGES
+    history_decay: float = 1.0
+    _history: dict[tuple[int, int], float] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.percentile) < 100.0:
+            raise ValueError(f"percentile must be in (0, 100) (AutoClip uses 10); got {self.percentile!r}")
+        self.percentile = float(self.percentile)
+        if self.count_noise_multiplier is not None:
+            self.count_noise_multiplier = _positive("count_noise_multiplier", self.count_noise_multiplier)
+        self.edges = _check_edges(self.edges)
+        if not 0.0 < float(self.history_decay) <= 1.0:
+            raise ValueError(f"history_decay must be in (0, 1]; got {self.history_decay!r}")
+        self._history = {} if self._history is None else dict(self._history)
+
+    def statistics_noise_multiplier(self, expected_units: float) -> float:
+        return _sigma_c(self.count_noise_multiplier, expected_units)
+
+    def histogram_edges(self, clip: Sequence[float]) -> tuple[float, ...]:
+        return self.edges
+
+    def update(self, clip: Sequence[float], stats: ClipStatistics | None) -> tuple[float, ...]:
+        if stats is None:
+            return tuple(float(c) for c in clip)
+        assert self._history is not None
+        if self.history_decay < 1.0:
+            self._history = {k: w * self.history_decay for k, w in self._history.items()}
+        out = []
+        for g, c in enumerate(clip):
+            values, weights = histogram_estimate(stats, g)
+            for v, w in zip(values.tolist(), weights.tolist()):
+                if w > 0:
+                    key = (g, round(4.0 * math.log2(v)))
+                    self._history[key] = self._history.get(key, 0.0) + w
+            grid = sorted((k[1], w) for k, w in self._history.items() if k[0] == g)
+            total = sum(w for _, w in grid)
+            if total <= 0:
+                out.append(float(c))
+                continue
+            target, acc = self.percentile / 100.0 * total, 0.0
+            for level, w in grid:
+                acc += w
+                if acc >= target:
+                    out.append(2.0 ** (level / 4.0))
+                    break
+        return tuple(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[g, k, w] for (g, k), w in sorted((self._history or {}).items())]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._history = {(int(g), int(k)): float(w) for g, k, w in state["history"]}
+
+
+@dataclass
+class PrivateZClip:
+    """ZClip (Kumar et al. 2025) from privatised statistics: clip at ``mean + z * std`` of the norms.
+
+    ZClip keeps exponential moving averages (factor ``alpha``) of the mean and variance of the
+    gradient norm and clips at ``mean + z * std``. Here each step's mean and variance are
+    estimated from the noisy histogram of the units' norms (:func:`histogram_estimate`), so
+    only privatised statistics enter the averages. Mutable state: the two averages.
+
+    Args:
+        z: the z-score threshold (ZClip uses 2.5).
+        alpha: EMA factor in (0, 1) (ZClip uses 0.97).
+        count_noise_multiplier, edges: as :class:`PrivateAutoClip`.
+    """
+
+    z: float = 2.5
+    alpha: float = 0.97
+    count_noise_multiplier: float | None = None
+    edges: tuple[float, ...] = DEFAULT_EDGES
+    _mean: list[float] | None = None
+    _var: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(float(self.z)) and float(self.z) >= 0):
+            raise ValueError(f"z must be a finite number >= 0 (ZClip uses 2.5); got {self.z!r}")
+        self.z = float(self.z)
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise ValueError(f"alpha must be in (0, 1) (ZClip uses 0.97); got {self.alpha!r}")
+        if self.count_noise_multiplier is not None:
+            self.count_noise_multiplier = _positive("count_noise_multiplier", self.count_noise_multiplier)
+        self.edges = _check_edges(self.edges)
+
+    def statistics_noise_multiplier(self, expected_units: float) -> float:
+        return _sigma_c(self.count_noise_multiplier, expected_units)
+
+    def histogram_edges(self, clip: Sequence[float]) -> tuple[float, ...]:
+        return self.edges
+
+    def update(self, clip: Sequence[float], stats: ClipStatistics | None) -> tuple[float, ...]:
+        if stats is None:
+            return tuple(float(c) for c in clip)
+        if self._mean is None or self._var is None or len(self._mean) != len(clip):
+            self._mean, self._var = [math.nan] * len(clip), [math.nan] * len(clip)
+        out = []
+        for g, c in enumerate(clip):
+            values, weights = histogram_estimate(stats, g)
+            total = float(weights.sum())
+            if total <= 0:
+                out.append(float(c))
+                continue
+            mean = float((weights * values).sum()) / total
+            var = float((weights * (values - mean) ** 2).sum()) / total
+            if math.isnan(self._mean[g]):
+                self._mean[g], self._var[g] = mean, var
+            else:
+                self._mean[g] = self.alpha * self._mean[g] + (1 - self.alpha) * mean
+                self._var[g] = self.alpha * self._var[g] + (1 - self.alpha) * var
+            out.append(max(1e-12, self._mean[g] + self.z * math.sqrt(max(self._var[g], 0.0))))
+        return tuple(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self._mean, "var": self._var}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._mean, self._var = state["mean"], state["var"]
+
+
+@dataclass(frozen=True)
+class MultiObjective:
+    """Choose the next threshold by minimising a weighted sum of utility loss and privacy cost.
+
+    Per group ``g`` and candidate threshold ``C`` (the current one times ``2^(k/8)``,
+    ``|k| <= 16``), from the privatised norm histogram (``n_i`` the units' norms, ``B`` the
+    expected number of units, ``d`` the trainable coordinates, ``sigma`` the gradient's noise
+    multiplier)::
+
+        bias(C)    = sum_bins w_k (n_k - C)_+              mean norm lost to clipping per unit
+        utility(C) = bias(C)^2 + sigma^2 C^2 d / B^2        squared bias + noise variance of the mean
+        privacy(C) = C^2 / s^2                              only in regime="noise_std"
+        J(C)       = utility_weight * utility(C) + privacy_weight * privacy(C)
+
+    ``regime="noise_multiplier"``: the noise grows with ``C`` (std ``sigma C``), epsilon does
+    not depend on ``C``, and ``J`` trades clipping bias against noise. ``regime="noise_std"``:
+    the engine keeps the noise std fixed at its initial value ``s = sigma_0 S_0`` and records
+    the noise multiplier ``s / S_t`` each step, so a larger ``C`` spends more privacy (a
+    Gaussian step's GDP parameter is ``mu = S / s``, and ``mu^2 = sum_g C_g^2 / s^2`` adds over
+    groups and composes additively over steps; ``privacy`` is group ``g``'s share), and the
+    noise term of ``utility`` is constant. The
+    threshold moves geometrically toward the minimiser: ``C <- C (C*/C)^learning_rate`` (the
+    damped step on C of Ranaweera et al. 2025); in ``noise_std`` it is rounded to eighth-octaves
+    so the accountant's history keeps few distinct noise multipliers. The derivation is in
+    ``docs/controllers.md``.
+    """
+
+    utility_weight: float = 1.0
+    privacy_weight: float = 0.0
+    regime: str = "noise_multiplier"
+    learning_rate: float = 0.5
+    count_noise_multiplier: float | None = None
+    edges: tuple[float, ...] = DEFAULT_EDGES
+
+    def __post_init__(self) -> None:
+        if self.regime not in ("noise_multiplier", "noise_std"):
+            raise ValueError(f"regime must be 'noise_multiplier' or 'noise_std'; got {self.regime!r}")
+        if not (float(self.utility_weight) >= 0 and float(self.privacy_weight) >= 0) or (
+            float(self.utility_weight) + float(self.privacy_weight) == 0
+        ):
+            raise ValueError(
+                f"utility_weight and privacy_weight must be >= 0 and not both 0; got "
+                f"{self.utility_weight!r}, {self.privacy_weight!r}"
+            )
+        if not 0.0 < float(self.learning_rate) <= 1.0:
+            raise ValueError(f"learning_rate must be in (0, 1]; got {self.learning_rate!r}")
+        if self.count_noise_multiplier is not None:
+            object.__setattr__(self, "count_noise_multiplier", _positive("count_noise_multiplier", self.count_noise_multiplier))
+        object.__setattr__(self, "edges", _check_edges(self.edges))
+
+    @property
+    def keeps_noise_std(self) -> bool:
+        """True in ``regime="noise_std"``: the engine fixes the noise std, not the multiplier."""
+        return self.regime == "noise_std"
+
+    def statistics_noise_multiplier(self, expected_units: float) -> float:
+        return _sigma_c(self.count_noise_multiplier, expected_units)
+
+    def histogram_edges(self, clip: Sequence[float]) -> tuple[float, ...]:
+        return self.edges
+
+    def objective(self, stats: ClipStatistics, group: int, candidates: torch.Tensor) -> torch.Tensor:
+        """``J`` at each candidate threshold (shape of ``candidates``)."""
+        values, weights = histogram_estimate(stats, group)
+        bias = (weights[None, :] * (values[None, :] - candidates[:, None]).clamp_min(0)).sum(1)
+        b = max(stats.expected_units, 1.0)
+        if self.regime == "noise_multiplier":
+            noise = stats.noise_multiplier**2 * candidates**2 * stats.dimension / b**2
+            privacy = torch.zeros_like(candidates)
+        else:
+            noise = torch.zeros_like(candidates)
+            if not stats.noise_std > 0:
+                raise ValueError("regime='noise_std' needs the step's fixed noise std in the statistics (> 0)")
+            privacy = (candidates / stats.noise_std) ** 2
+        return self.utility_weight * (bias**2 + noise) + self.privacy_weight * privacy
+
+    def update(self, clip: Sequence[float], stats: ClipStatistics | None) -> tuple[float, ...]:
+        if stats is None:
+            return tuple(float(c) for c in clip)
+        out = []
+        for g, c in enumerate(clip):
+            candidates = float(c) * 2.0 ** (torch.arange(-16, 17, dtype=torch.float64) / 8.0)
+            best = float(candidates[int(torch.argmin(self.objective(stats, g, candidates)))])
+            new = float(c) * (best / float(c)) ** self.learning_rate
+            if self.regime == "noise_std":
+                new = 2.0 ** (round(8.0 * math.log2(new)) / 8.0)
+            out.append(new)
         return tuple(out)

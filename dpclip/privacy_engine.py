@@ -107,6 +107,8 @@ class _Attachment:
     steps: int = 0
     clip_history: list[tuple[float, ...]] = field(default_factory=list)
     budget_steps_left: int | None = None
+    budget_sigma: float | None = None
+    fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
 
     @property
     def clipper(self):
@@ -340,7 +342,10 @@ class PrivacyEngine:
             unit_factor=2.0 if clipping == "batch" else 1.0, poisson=poisson_sampling, plan=plan, unit_of=unit_of,
             max_epsilon=None if max_epsilon is None else float(max_epsilon), target_delta=target_delta,
         )
+        if getattr(clip_controller, "keeps_noise_std", False):
+            att.fixed_noise_std = sigma * att.sensitivity
         att.handles.append(optimizer.register_step_pre_hook(self._before_step))
+
         self._attachment = att
         if opacus_ghost:
             return module, optimizer, criterion if criterion is not None else nn.CrossEntropyLoss(), loader
@@ -482,9 +487,11 @@ class PrivacyEngine:
 
     def _release(self, att: _Attachment, sums: dict, norms: list[torch.Tensor] | None) -> None:
         """Noise, scaling, the optimizer's gradient, the controller and the accountant: one logical step."""
-        if att.max_epsilon is not None:
-            self._check_budget(att)
         sigma = att.noise_multiplier
+        if att.fixed_noise_std is not None:  # the noise std is fixed; the multiplier follows the thresholds
+            sigma = att.fixed_noise_std / att.sensitivity
+        if att.max_epsilon is not None:
+            self._check_budget(att, sigma)
         sigma_c = None
         if att.controller is not None:
             sigma_c = att.controller.statistics_noise_multiplier(att.expected_units)
@@ -502,6 +509,8 @@ class PrivacyEngine:
                 att.controller, unit_norms, att.clip, att.expected_units, sigma,
                 lambda s, values, sens: noise_cls(s).add(values, sens, att.generator),
                 histogram_sensitivity=math.sqrt(2.0) if att.clipping == "batch" else 1.0,
+                dimension=sum(p.numel() for p in att.params),
+                noise_std=att.fixed_noise_std or 0.0,
             )
             att.clip = tuple(float(c) for c in att.controller.update(att.clip, stats))
         if att.poisson:
@@ -512,11 +521,12 @@ class PrivacyEngine:
             self._unaccounted_steps += 1
         att.steps += 1
 
-    def _check_budget(self, att: _Attachment) -> None:
-        if att.budget_steps_left is None:
+    def _check_budget(self, att: _Attachment, sigma: float) -> None:
+        if att.budget_steps_left is None or att.budget_sigma != sigma:
             att.budget_steps_left = _steps_within_budget(
-                self.accountant, att.noise_multiplier, att.sample_rate, att.max_epsilon, att.target_delta
+                self.accountant, sigma, att.sample_rate, att.max_epsilon, att.target_delta
             )
+            att.budget_sigma = sigma
         if att.budget_steps_left <= 0:
             for p in att.params:
                 p.grad = None
