@@ -154,3 +154,13 @@ def test_heavy_tailed_step_among_many_light_ones_at_tiny_delta():
     assert bounds.upper - bounds.lower <= 0.008 * bounds.lower
     reference, _ = pld_epsilon(segments, 5.2418253944430554e-12)
     assert abs(bounds.upper / reference - 1) <= 0.01
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.1, 0.2])
+def test_very_small_noise_multipliers_give_a_finite_epsilon_below_rdp(sigma):
+    # the tail quadrature once overflowed a float here (a noise-std controller can reach such sigmas)
+    from accountants import RDPAccountant
+    from accountants.events import dpsgd_event
+
+    eps = prv_epsilon(dpsgd_event(sigma, 0.25, 20), 1e-5)
+    assert math.isfinite(eps) and 0 < eps < RDPAccountant().step(sigma, 0.25, 20).get_epsilon(1e-5)
