@@ -8,36 +8,42 @@
                       noise_multiplier=1.0, clip=0.5, controller=Quantile()), g, test=(test_x, test_y))
     result.epsilon, result.test_accuracy, result.clip_history
 
-The Flower strategy lives in :mod:`dpclip.federated.flower` (needs the ``flower`` extra) and
-is not imported here.
+Names are loaded on first use (PEP 562), so ``dpclip.federated.cli`` builds its parser
+without importing torch. The Flower strategy lives in :mod:`dpclip.federated.flower` (needs
+the ``flower`` extra) and is not exported here.
 """
 
-from .aggregate import RoundRelease, dp_aggregate
-from .fedavg import FedAvgConfig, FederatedResult, LocalDP, evaluate, layer_groups, simulate
-from .partition import (
-    PartitionSpec,
-    dirichlet_partition,
-    iid_partition,
-    label_counts,
-    parse_partition,
-    partition,
-    shard_partition,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FedAvgConfig",
-    "FederatedResult",
-    "LocalDP",
-    "PartitionSpec",
-    "RoundRelease",
-    "dirichlet_partition",
-    "dp_aggregate",
-    "evaluate",
-    "iid_partition",
-    "label_counts",
-    "layer_groups",
-    "parse_partition",
-    "partition",
-    "shard_partition",
-    "simulate",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "FedAvgConfig": "fedavg",
+    "FederatedResult": "fedavg",
+    "LocalDP": "fedavg",
+    "simulate": "fedavg",
+    "evaluate": "fedavg",
+    "layer_groups": "fedavg",
+    "RoundRelease": "aggregate",
+    "dp_aggregate": "aggregate",
+    "PartitionSpec": "spec",
+    "parse_partition": "spec",
+    "partition": "partition",
+    "iid_partition": "partition",
+    "dirichlet_partition": "partition",
+    "shard_partition": "partition",
+    "label_counts": "partition",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

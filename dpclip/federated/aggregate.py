@@ -168,6 +168,7 @@ def dp_aggregate(
     controller: Any = None,
     groups: Sequence[Sequence[str]] | None = None,
     secure_mode: bool = False,
+    fixed_noise_std: float | None = None,
 ) -> RoundRelease:
     """One DP-FedAvg server step on the round's stacked client deltas.
 
@@ -183,6 +184,10 @@ def dp_aggregate(
         controller: a clip controller (:mod:`dpclip.controllers`); ``None`` keeps ``clip``.
         groups: the clipping groups, tuples of keys covering ``deltas``; ``None`` is one group.
         secure_mode: use :class:`dpclip.noise.SecureGaussianNoise`.
+        fixed_noise_std: for a controller in the noise-std regime (``keeps_noise_std``): the
+            run's fixed noise std ``s``; the round's noise multiplier is then ``s / S`` (what
+            the accountant must record, :attr:`RoundRelease.noise_multiplier`) and
+            ``noise_multiplier`` is ignored.
 
     Raises:
         ValueError: invalid thresholds, groups that do not cover the deltas, a non-positive
@@ -198,7 +203,10 @@ def dp_aggregate(
             f"expected_clients must be a finite number > 0 (sample rate * number of clients); got {expected_clients!r}"
         )
     clipper = clipper_for(clip)
-    sigma = float(noise_multiplier)
+    if fixed_noise_std is not None:
+        sigma = float(fixed_noise_std) / clipper.sensitivity
+    else:
+        sigma = float(noise_multiplier)
     sigma_c = controller.statistics_noise_multiplier(expected) if controller is not None else None
     sigma_grad = gradient_noise_multiplier(sigma, sigma_c)
     noise_cls = noise_class(secure_mode)
@@ -216,6 +224,8 @@ def dp_aggregate(
         stats = release_statistics(
             controller, norms, clip, expected, sigma,
             lambda s, values, sens: noise_cls(s).add(values, sens, generator),
+            dimension=sum(int(t.shape[1:].numel()) for t in deltas.values()),
+            noise_std=float(fixed_noise_std or 0.0),
         )
         next_clip = tuple(float(c) for c in controller.update(clip, stats))
     return RoundRelease(

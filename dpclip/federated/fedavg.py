@@ -435,6 +435,13 @@ def simulate(
     accuracy_history: list[tuple[int, float]] = []
     participants: list[int] = []
     sigma_grad = config.noise_multiplier
+    # a controller in the noise-std regime (MultiObjective(regime="noise_std")) fixes the noise
+    # std at its initial value; each round's noise multiplier is then std / S_t
+    fixed_std = None
+    if getattr(controller, "keeps_noise_std", False):
+        from .aggregate import clipper_for
+
+        fixed_std = config.noise_multiplier * clipper_for(clip).sensitivity
     train_seconds = 0.0
     was_training = model.training
     model.train()
@@ -450,12 +457,13 @@ def simulate(
             release: RoundRelease = dp_aggregate(
                 deltas, clip, noise_multiplier=config.noise_multiplier, expected_clients=expected,
                 generator=noise_generator, controller=controller, groups=agg_groups, secure_mode=config.secure_mode,
+                fixed_noise_std=fixed_std,
             )
             opt.zero_grad(set_to_none=True)
             for k, p in server_params.items():
                 p.grad = -release.update[k].to(p.dtype)
             opt.step()
-            accountant.step(noise_multiplier=config.noise_multiplier, sample_rate=q)
+            accountant.step(noise_multiplier=release.noise_multiplier, sample_rate=q)
             sigma_grad = release.gradient_noise_multiplier
             clip_history.append(release.clip)
             participants.append(len(chosen))
