@@ -46,9 +46,9 @@ __all__ = [
     "histogram_estimate",
 ]
 
-# relative histogram bin edges: 0, then half-octaves from 1/64 to 64, times each group's threshold
-# (26 bins, the last open)
-DEFAULT_EDGES = (0.0,) + tuple(2.0 ** (k / 2) for k in range(-12, 13))
+# relative histogram bin edges: 0, then half-octaves from 1/16 to 16, times each group's threshold
+# (18 bins, the last open)
+DEFAULT_EDGES = (0.0,) + tuple(2.0 ** (k / 2) for k in range(-8, 9))
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class ClipStatistics:
     noise_multiplier: float = 0.0
     dimension: int = 0
     noise_std: float = 0.0
+    count_noise_std: float = 0.0
 
     def __post_init__(self) -> None:
         # only plain numbers get through: a controller can never be handed per-sample tensors
@@ -88,7 +89,7 @@ class ClipStatistics:
             object.__setattr__(self, "histogram", rows)
         if self.edges is not None:
             object.__setattr__(self, "edges", _floats("edges", self.edges))
-        for name in ("expected_units", "noise_multiplier", "noise_std"):
+        for name in ("expected_units", "noise_multiplier", "noise_std", "count_noise_std"):
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 raise TypeError(f"ClipStatistics.{name} must be a float, not a tensor")
@@ -104,21 +105,27 @@ def _floats(name: str, values: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def histogram_estimate(stats: ClipStatistics, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def histogram_estimate(
+    stats: ClipStatistics, group: int, threshold: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, weights)``: a group's noisy norm histogram as point masses, in absolute norms.
 
     Each bin is represented by one norm: the midpoint of the first bin ``[0, e_1 C)``, the
-    geometric midpoint ``sqrt(e_k e_{k+1}) C`` of an inner bin, and ``2 e_K C`` for the open last
-    bin. Weights are the noisy fractions (count / expected units) clamped at 0: post-processing
-    of the privatised histogram, so any function of them is private.
+    geometric midpoint ``sqrt(e_k e_{k+1}) C`` of an inner bin, and the lower edge ``e_K C`` of
+    the open last bin. Weights are the noisy fractions (count / expected units); a bin whose
+    noisy count is below ``threshold`` times the counts' noise std is taken as empty (else the
+    noise of empty bins far from ``C`` would pose as units with huge or tiny norms). All of this
+    is post-processing of the privatised histogram, so any function of it is private.
     """
     if stats.histogram is None or stats.edges is None:
         raise ValueError("this controller needs a histogram; declare histogram_edges(clip)")
     c = stats.clip[group]
     e = stats.edges
-    reps = [e[1] / 2.0] + [math.sqrt(a * b) for a, b in zip(e[1:-1], e[2:])] + [2.0 * e[-1]]
+    reps = [e[1] / 2.0] + [math.sqrt(a * b) for a, b in zip(e[1:-1], e[2:])] + [e[-1]]
     values = torch.tensor(reps, dtype=torch.float64) * c
-    weights = torch.tensor(stats.histogram[group], dtype=torch.float64).clamp_min(0.0)
+    weights = torch.tensor(stats.histogram[group], dtype=torch.float64)
+    floor = threshold * stats.count_noise_std / max(stats.expected_units, 1e-12)
+    weights = torch.where(weights > floor, weights, torch.zeros_like(weights))
     return values, weights
 
 
@@ -185,7 +192,11 @@ def release_statistics(
         raw = (norms <= bounds).sum(0).to(torch.float64)
         noisy = add_noise(sigma_c, {"counts": raw}, math.sqrt(groups))["counts"]
         return ClipStatistics(
-            tuple(float(c) / expected_units for c in noisy), float(expected_units), clip=clip, **public
+            tuple(float(c) / expected_units for c in noisy),
+            float(expected_units),
+            clip=clip,
+            count_noise_std=sigma_c * math.sqrt(groups),
+            **public,
         )
     if not edges or edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(f"histogram_edges must start at 0 and increase; got {edges}")
@@ -197,7 +208,10 @@ def release_statistics(
     raw = torch.stack(rows)  # [G, K]
     noisy = add_noise(sigma_c, {"histogram": raw}, histogram_sensitivity * math.sqrt(groups))["histogram"]
     histogram = tuple(tuple(float(c) / expected_units for c in row) for row in noisy)
-    return ClipStatistics((), float(expected_units), histogram=histogram, edges=edges, clip=clip, **public)
+    std = sigma_c * histogram_sensitivity * math.sqrt(groups)
+    return ClipStatistics(
+        (), float(expected_units), histogram=histogram, edges=edges, clip=clip, count_noise_std=std, **public
+    )
 
 
 def _positive(name: str, value: object) -> float:

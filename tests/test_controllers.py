@@ -192,9 +192,12 @@ def test_histogram_release_has_the_declared_sensitivity_and_noise():
 
     stats = release_statistics(zc, norms, (1.0, 2.0), 100.0, 1.0, spy, histogram_sensitivity=math.sqrt(2.0))
     assert calls == [(3.0, pytest.approx(2.0))]  # sqrt(2) per unit (batch clipping) times sqrt(G = 2)
-    values, weights = histogram_estimate(stats, 1)
+    assert stats.count_noise_std == pytest.approx(6.0)
+    values, weights = histogram_estimate(stats, 1, threshold=0.0)
     assert float(weights.sum()) == pytest.approx(1.0)  # exact counts / expected units
-    assert values[13] == pytest.approx(2.0 * 2**0.25)  # the bin [1, sqrt 2) x C_1 = 2
+    _, kept = histogram_estimate(stats, 1)  # bins below 2 noise stds (12 counts) are taken as empty
+    assert float(kept.sum()) < 1.0 and bool(((kept == 0) | (kept * 100 > 12)).all())
+    assert values[9] == pytest.approx(2.0 * 2**0.25)  # the bin [1, sqrt 2) x C_1 = 2
 
 
 def test_multi_objective_picks_the_minimiser_of_its_objective():
