@@ -368,7 +368,10 @@ def test_tied_cross_term_is_included():
         for unit, calls in zip(gs.units, gs._calls):
             if unit.name in ("emb", "out"):
                 (call,) = calls
-                per_use.append(unit.rule.sq_norms(unit.module, call.inputs[0], call.grads[0])["weight"])
+                if call.psg is not None:  # the plan materialised this call when its gradient came
+                    per_use.append(sq(call.psg["weight"]))
+                else:
+                    per_use.append(unit.rule.sq_norms(unit.module, call.inputs[0], call.grads[0])["weight"])
         assert len(per_use) == 2
         assert not torch.allclose(per_use[0] + per_use[1], got)
 
@@ -778,9 +781,17 @@ def test_skip_param_grads_is_exact(case, loss):
 
 
 def test_skip_param_grads_which_parameters():
-    # mlp: the first Linear's input does not require grad -> it keeps its gradient; the second skips
+    # mlp with anchor_first_layers: both Linears skip; the first one's input does not require
+    # grad, so its output is re-attached to the graph through a no-op node (no weight and no
+    # input gradient)
     model = randomise(mlp())
     x, y = vec_data(4)
+    with GradSampler(model, skip_param_grads=True, anchor_first_layers=True):
+        ce_mean(model(x), y).backward()
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    assert model[2].weight.grad is None and model[2].bias.grad is None
+    # without anchor_first_layers (the default) the first Linear keeps its ordinary gradient
+    model.zero_grad(set_to_none=True)
     with GradSampler(model, skip_param_grads=True):
         ce_mean(model(x), y).backward()
     assert model[0].weight.grad is not None and model[0].bias.grad is not None
@@ -902,3 +913,69 @@ def test_skip_param_grads_with_activation_checkpointing(reentrant):
         for n, p in trainable(model).items():
             torch.testing.assert_close(psg[p], oracle[n], **TOL, msg=n)
             torch.testing.assert_close(norms[p], sq(oracle[n]), **TOL, msg=n)
+
+
+class InplaceNet(nn.Module):
+    """First layers followed by in-place ReLUs: the re-attached (anchored) outputs are modified in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+        self.gn = nn.GroupNorm(1, 3)
+        self.lin = nn.Linear(3 * 4 * 4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.conv(x), inplace=True)
+        h = nn.functional.relu(self.gn(h), inplace=True)
+        return self.head(nn.functional.relu(self.lin(h.flatten(1)), inplace=True))
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_skip_param_grads_first_layer_anchor_and_release(loss):
+    """With skip_param_grads: a first layer gets no autograd gradient at all, in-place ops on its
+    output still work, materialised calls drop their captures, and results stay exact."""
+    model = randomise(InplaceNet())
+    x = torch.randn(5, 2, 4, 4, generator=gen(), dtype=DT)
+    y = torch.randint(0, 3, (5,), generator=gen(1))
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    params = trainable(model)
+    model.zero_grad(set_to_none=True)
+    with GradSampler(model, loss_reduction=loss, skip_param_grads=True, anchor_first_layers=True) as gs:
+        LOSSES[loss](model(x), y).backward()
+        assert all(p.grad is None for p in model.parameters())
+        by_name = dict(zip((u.name for u in gs.units), gs._calls))
+        for name in ("conv", "gn"):  # planned materialisation: captures released
+            (call,) = by_name[name]
+            assert call.released and call.psg is not None and call.inputs == () and call.grads == [None]
+        psg = gs.per_sample_grads()
+        norms = gs.per_sample_sq_norms()
+        scales = {p: torch.rand(5, generator=gen(3), dtype=DT) for p in params.values()}
+        sums = gs.clipped_sums(scales)
+        for n, p in params.items():
+            torch.testing.assert_close(psg[p], oracle[n], **TOL, msg=n)
+            torch.testing.assert_close(norms[p], sq(oracle[n]), **TOL, msg=n)
+            torch.testing.assert_close(sums[p], torch.einsum("b,b...->...", scales[p], oracle[n]), **TOL, msg=n)
+        gs.clear()
+        # a second backward through the same graph cannot reuse released captures
+        out = LOSSES[loss](model(x), y)
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            out.backward()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_planned_materialisation_matches_other_modes():
+    """auto (some calls materialised when their gradient arrives), always and never agree,
+    with a sequence Linear the plan materialises (d p <= T (d + p)) next to ghost-norm layers."""
+    model = randomise(SeqNet())
+    x, y = tok_data(4, C=4)
+    results = []
+    for ghost in ("auto", "always", "never"):
+        with run(model, x, y, ghost=ghost) as gs:
+            scales = {p: torch.linspace(0.1, 1.0, 4, dtype=DT) for p in gs.parameters}
+            results.append((gs.per_sample_sq_norms(), gs.clipped_sums(scales)))
+    for norms, sums in results[1:]:
+        for p in norms:
+            torch.testing.assert_close(norms[p], results[0][0][p], **TOL)
+            torch.testing.assert_close(sums[p], results[0][1][p], **TOL)

@@ -275,10 +275,14 @@ class _Call:
     output: Any  # skeleton of the output (tensors -> _LEAF), to rebuild grad_output
     round: int  # forward/backward round (a new one starts at the first forward after a backward)
     grads: list = field(default_factory=list)  # dL/d(output leaf k), None until its hook fires
+    batch: int = -1  # rule units: the batch size of the activation (kept after a release)
+    # rule units the plan materialises: per-sample grads formed when the output gradient arrived
+    psg: dict | None = None
+    released: bool = False  # inputs and output gradients dropped once psg was formed
 
     @property
     def active(self) -> bool:
-        return any(g is not None for g in self.grads)
+        return self.psg is not None or any(g is not None for g in self.grads)
 
     def grad_output(self) -> Any:
         return _grad_structure(self.output, self.grads, [0])
@@ -292,6 +296,11 @@ class GradSampler:
 
     ``skip_param_grads``: see :meth:`set_skip_param_grads` (default off: ``p.grad`` is computed
     by ``loss.backward()`` as usual).
+
+    ``anchor_first_layers``: with ``skip_param_grads`` on, also skip the parameters of a rule
+    unit none of whose inputs requires grad (a first layer), by re-attaching its output to the
+    graph through a no-op node: autograd then computes neither its weight gradient nor an input
+    gradient. Default: the class attribute ``GradSampler.anchor_first_layers`` (False).
 
     ``ghost``: ``"auto"`` lets each rule choose ghost norm or materialisation per layer
     (fastDP's rule); ``"always"`` forces the ghost norm for the layers that have one (Linear,
@@ -307,6 +316,8 @@ class GradSampler:
             gs.clear()
     """
 
+    anchor_first_layers: bool = False  # see the class docstring
+
     def __init__(
         self,
         model: nn.Module,
@@ -315,6 +326,7 @@ class GradSampler:
         ghost: str = "auto",
         use_rules: bool = True,
         skip_param_grads: bool = False,
+        anchor_first_layers: bool | None = None,
     ):
         if loss_reduction not in _LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
@@ -323,6 +335,8 @@ class GradSampler:
         self.model = model
         self.loss_reduction = loss_reduction
         self.ghost = ghost
+        if anchor_first_layers is not None:
+            self.anchor_first_layers = bool(anchor_first_layers)
         self.units: list[Unit] = find_units(model, use_rules=use_rules)
         covered: dict[int, nn.Parameter] = {}
         for u in self.units:
@@ -353,6 +367,9 @@ class GradSampler:
         ]
         self._skip_handles: list[Any] = []
         self._frozen: list[list[list[nn.Parameter]]] = [[] for _ in self.units]  # per unit, per open call
+        self._anchor_next: list[bool] = [False] * len(self.units)  # set by the skip pre-hook
+        self._anchors: dict[tuple, torch.Tensor] = {}
+        self._release = False  # drop captures once a call's per-sample grads are formed
         self.set_skip_param_grads(skip_param_grads)
 
     # ---------------------------------------------------------------- handle
@@ -400,6 +417,8 @@ class GradSampler:
                 h.remove()
             self._skip_handles = []
             self._restore_frozen()
+            self._anchor_next = [False] * len(self.units)
+        self._release = bool(enabled)
 
     def _restore_frozen(self) -> None:
         """Safety net: give back requires_grad to parameters still frozen by an unfinished call."""
@@ -434,10 +453,14 @@ class GradSampler:
         def pre_hook(module, args, kwargs):
             frozen: list[nn.Parameter] = []
             self._frozen[index].append(frozen)  # popped by the post hook (always called)
+            self._anchor_next[index] = False
             if self._suspended or not torch.is_grad_enabled():
                 return None
             inputs = _leaves((args, kwargs), [])
-            if not any(t.requires_grad for t in inputs) or any(_is_functorch_wrapped(t) for t in inputs):
+            if any(_is_functorch_wrapped(t) for t in inputs):
+                return None
+            first = not any(t.requires_grad for t in inputs)
+            if first and not self.anchor_first_layers:
                 return None
             params = module._parameters
             for name, p in skippable:
@@ -445,6 +468,8 @@ class GradSampler:
                 if params.get(name) is p and p.requires_grad and p.is_leaf:
                     p.requires_grad_(False)
                     frozen.append(p)
+            # no input requires grad (a first layer): the capture hook re-attaches the output
+            self._anchor_next[index] = bool(frozen) and first
             return None
 
         return pre_hook
@@ -462,9 +487,20 @@ class GradSampler:
     # ---------------------------------------------------------------- capture
 
     def _make_forward_hook(self, index: int):
+        unit = self.units[index]
+
         def hook(module, args, kwargs, output):
             if self._suspended or not torch.is_grad_enabled():
                 return None
+            replaced = None
+            if self._anchor_next[index]:
+                # skip_param_grads froze this call's parameters although no input requires
+                # grad (a first layer): the output is cut from the graph. Re-attach it through
+                # a no-op node, so its gradient still arrives and autograd computes neither
+                # the weight gradient nor an input gradient.
+                self._anchor_next[index] = False
+                if isinstance(output, torch.Tensor) and not output.requires_grad:
+                    output = replaced = _Anchor.apply(output, self._anchor_for(output))
             leaves = _leaves(output, [])
             if not any(t.requires_grad for t in leaves):
                 return None
@@ -485,26 +521,72 @@ class GradSampler:
                 round=self._round,
                 grads=[None] * len(leaves),
             )
+            if unit.rule is not None:
+                call.batch = int(_rule_activation(call).shape[0])
             seen: set[int] = set()
             for k, t in enumerate(leaves):
                 # one tensor returned twice gets its gradient once (the vjp would count it twice)
                 if t.requires_grad and id(t) not in seen:
                     seen.add(id(t))
-                    t.register_hook(self._make_grad_hook(call, k))
+                    t.register_hook(self._make_grad_hook(index, call, k))
             self._calls[index].append(call)
-            return None
+            return replaced
 
         return hook
 
-    def _make_grad_hook(self, call: _Call, k: int):
+    def _make_grad_hook(self, index: int, call: _Call, k: int):
+        unit = self.units[index]
+
         def hook(grad):
+            if call.released:
+                raise RuntimeError(
+                    f"{unit.name or type(unit.module).__name__}: a second backward pass through "
+                    "the same graph (retain_graph=True) after GradSampler released this call's "
+                    "captures (it does so with skip_param_grads on, as in make_private). Call "
+                    "set_skip_param_grads(False) to keep them for several backward passes."
+                )
             g = grad.detach()
-            call.grads[k] = g if call.grads[k] is None else call.grads[k] + g
             self._backward_seen = True
-            self._grad_cache.clear()  # a new output gradient: cached per-sample grads are stale
+            self._grad_cache.pop(id(call), None)  # a new output gradient: this call's cache is stale
+            if unit.rule is not None and len(call.grads) == 1 and self._eager(unit, call, g):
+                # the plan materialises this call: form its per-sample gradients now (linear in
+                # the output gradient, so a second backward adds to them) and, when allowed,
+                # drop the activation and output gradient, as plain backward would
+                with torch.no_grad():
+                    psg = unit.rule.per_sample_grads(unit.module, _rule_activation(call), g)
+                if call.psg is None:
+                    call.psg = dict(psg)
+                else:
+                    for n, v in psg.items():
+                        call.psg[n] = call.psg[n] + v
+                if self._release:
+                    call.inputs, call.kwargs, call.grads = (), {}, [None]
+                    call.released = True
+                return None
+            call.grads[k] = g if call.grads[k] is None else call.grads[k] + g
             return None
 
         return hook
+
+    def _eager(self, unit: Unit, call: _Call, g: torch.Tensor) -> bool:
+        """Whether this rule call's per-sample gradients are formed when its gradient arrives."""
+        rule = unit.rule
+        if call.psg is not None:
+            return True  # already materialised by an earlier backward: keep adding
+        if any(t is not None for t in call.grads):
+            return False  # captured un-materialised by an earlier backward: keep capturing
+        if rule.materialised or self.ghost == "never":
+            return True
+        if self.ghost == "always":
+            return False
+        return rule.materialise(unit.module, _rule_activation(call), g)
+
+    def _anchor_for(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        anchor = self._anchors.get(key)
+        if anchor is None:
+            anchor = self._anchors[key] = torch.zeros((), device=like.device, dtype=like.dtype, requires_grad=True)
+        return anchor
 
     # ---------------------------------------------------------------- captured data
 
@@ -524,7 +606,7 @@ class GradSampler:
     def _call_batch_size(self, unit: Unit, call: _Call) -> int:
         module = unit.module
         if unit.rule is not None:
-            return int(_rule_activation(call).shape[0])
+            return call.batch
         if isinstance(module, nn.RNNBase):
             x = call.inputs[0] if call.inputs else next(iter(call.kwargs.values()))
             if isinstance(x, nn.utils.rnn.PackedSequence):
@@ -573,12 +655,16 @@ class GradSampler:
         Cached until the next output gradient or ``clear()``: the norm pass and the
         clipped-sum pass of one step share them (fallback units and materialising rules).
         """
+        if call.psg is not None:
+            return call.psg
         cached = self._grad_cache.get(id(call))
         if cached is None:
             cached = self._grad_cache[id(call)] = self._compute_call_grads(unit, call)
         return cached
 
     def _compute_call_grads(self, unit: Unit, call: _Call) -> dict[str, torch.Tensor]:
+        if call.psg is not None:
+            return call.psg
         if unit.rule is not None:
             a, g = _rule_activation(call), _rule_backprop(unit, call)
             return unit.rule.per_sample_grads(unit.module, a, g)
@@ -643,7 +729,7 @@ class GradSampler:
                 multi = [(n, p) for n, p in unit.params if uses[id(p)] > 1]
                 for call in calls:
                     grads = None
-                    if single and unit.rule is not None and not unit.rule.materialised and self.ghost != "never":
+                    if single and unit.rule is not None and call.psg is None and not unit.rule.materialised and self.ghost != "never":
                         a, g = _rule_activation(call), _rule_backprop(unit, call)
                         if self.ghost == "always":
                             with _ghost_forced_on():
@@ -701,7 +787,7 @@ class GradSampler:
                 if not wanted:
                     continue
                 for call in calls:
-                    if unit.rule is not None and not unit.rule.materialised:
+                    if unit.rule is not None and call.psg is None and not unit.rule.materialised:
                         a, g = _rule_activation(call), _rule_backprop(unit, call)
                         s = {
                             n: (scales[p] if p in scales else torch.zeros(batch, device=p.device, dtype=p.dtype))
@@ -726,6 +812,19 @@ class GradSampler:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+class _Anchor(torch.autograd.Function):
+    """Identity on ``x`` that makes it require grad through ``anchor`` (a 0-d leaf) and returns
+    no gradient to either: the graph above a first layer whose weights skip autograd."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):  # noqa: D102
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return None, None
 
 
 def _check_unit(unit: Unit) -> None:

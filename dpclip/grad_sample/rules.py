@@ -59,11 +59,32 @@ class LayerRule:
     # True when sq_norms and clipped_sum go through per_sample_grads anyway (small layers):
     # the engine then computes the per-sample grads once and reuses them for both.
     materialised: bool = False
+    # plan(module, activations, backprops) -> True: materialise this call's per-sample
+    # gradients once, as soon as its output gradient arrives, and take both the norm and the
+    # clipped sum from them (cheap when they are no larger than the captured activations and
+    # output gradients they replace, which the engine may then release). False: keep the
+    # captures and use sq_norms (ghost norm) and clipped_sum (book-keeping contraction).
+    # None: never (materialised rules are always materialised).
+    plan: Callable[[nn.Module, torch.Tensor, torch.Tensor], bool] | None = None
+
+    def materialise(self, module: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
+        """Whether the engine should materialise this call's per-sample gradients (see ``plan``)."""
+        if self.materialised:
+            return True
+        return bool(self.plan(module, activations, backprops)) if self.plan is not None else False
 
 
 def use_ghost(T: int, d: int, p: int) -> bool:
     """fastDP's rule: the ghost norm (``2 T^2`` work) beats materialising (``d p``)."""
     return 2 * T * T < d * p
+
+
+_FASTDP_USE_GHOST = use_ghost
+
+
+def _ghost_overridden() -> bool:
+    """True when a caller swapped ``use_ghost`` (``ghost="always"``, tests forcing a branch)."""
+    return use_ghost is not _FASTDP_USE_GHOST
 
 
 # --------------------------------------------------------------------------- helpers
@@ -130,15 +151,32 @@ def _linear_flat(activations: torch.Tensor, backprops: torch.Tensor):
     return a, g.to(a.dtype)
 
 
+def _linear_T(activations: torch.Tensor) -> int:
+    """Positions per sample of a Linear call (1 for ``[B, d]`` inputs)."""
+    return math.prod(activations.shape[1:-1]) if activations.dim() > 2 else 1
+
+
 @torch.no_grad()
 def _linear_psg(module: nn.Linear, activations, backprops) -> Grads:
     a, g = _linear_flat(activations, backprops)
     out: Grads = {}
     if _trainable(module, "weight"):
-        out["weight"] = torch.einsum("btp,btd->bpd", g, a)
+        out["weight"] = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
     if _trainable(module, "bias"):
         out["bias"] = g.sum(1)
     return out
+
+
+def _linear_plan(module: nn.Linear, activations, backprops) -> bool:
+    """Materialise when the per-sample weight gradient (``d p`` numbers per sample) is no
+    larger than the activations and output gradients it replaces (``T (d + p)``): then it
+    costs the weight-gradient contraction once (which book-keeping would do anyway for the
+    clipped sum) instead of a ghost norm of ``T^2 (d + p)`` on top. With ``T = 1`` (an MLP) the
+    ghost norm is nearly free and materialising would write ``B d p`` numbers: never."""
+    if not _trainable(module, "weight"):
+        return True
+    T, d, p = _linear_T(activations), activations.shape[-1], backprops.shape[-1]
+    return T > 1 and d * p <= T * (d + p)
 
 
 @torch.no_grad()
@@ -147,10 +185,13 @@ def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
     out: Grads = {}
     if _trainable(module, "weight"):
         T, d, p = a.shape[1], a.shape[2], g.shape[2]
-        if use_ghost(T, d, p):
+        if T == 1 and not _ghost_overridden():
+            # ||g a^T||^2 = |a|^2 |g|^2 for one position
+            out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        elif use_ghost(T, d, p):
             out["weight"] = _ghost_sq(a, g)
         else:
-            out["weight"] = _sq(torch.einsum("btp,btd->bpd", g, a))
+            out["weight"] = _sq(torch.bmm(g.transpose(1, 2), a))
     if _trainable(module, "bias"):
         out["bias"] = _sq(g.sum(1))
     return out
@@ -159,18 +200,29 @@ def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
 @torch.no_grad()
 def _linear_clipped(module: nn.Linear, activations, backprops, scales) -> Grads:
     a, g = _linear_flat(activations, backprops)
+    B, T, d = a.shape
+    p = g.shape[-1]
+    g2 = g.reshape(B * T, p)
     out: Grads = {}
     if _trainable(module, "weight"):
         s = _scale(scales, "weight", g)
-        gs = g * s[:, None, None]
-        out["weight"] = gs.reshape(-1, gs.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        if T > 1:
+            s = s.repeat_interleave(T)
+        a2 = a.reshape(B * T, d)
+        # scale the narrower operand: one pass over B T min(d, p) numbers, then one GEMM
+        if d <= p:
+            out["weight"] = g2.t() @ (a2 * s[:, None])
+        else:
+            out["weight"] = (g2 * s[:, None]).t() @ a2
     if _trainable(module, "bias"):
         s = _scale(scales, "bias", g)
-        out["bias"] = torch.einsum("b,btp->p", s, g)
+        if T > 1:
+            s = s.repeat_interleave(T)
+        out["bias"] = g2.t() @ s  # a matrix-vector product, no [B, T, p] temporary
     return out
 
 
-LINEAR_RULE = LayerRule(_linear_psg, _linear_sq, _linear_clipped)
+LINEAR_RULE = LayerRule(_linear_psg, _linear_sq, _linear_clipped, plan=_linear_plan)
 
 
 # --------------------------------------------------------------------------- Conv
@@ -234,13 +286,82 @@ def _conv_bias_grad(backprops: torch.Tensor) -> torch.Tensor:
     return backprops.flatten(2).sum(2)
 
 
+def _conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor):
+    """``(input, padding)`` for torch's conv kernels: zero padding that is the same on both
+    sides is passed to the kernel (no copy); anything else is applied with ``F.pad`` first, as
+    the module's own forward does."""
+    if module.padding_mode == "zeros":
+        if not isinstance(module.padding, str):
+            return x, tuple(int(p) for p in module.padding)
+        pads = _conv_pads(module)
+        if all(l == r for l, r in pads):
+            return x, tuple(l for l, _ in pads)
+    pads = _conv_pads(module)
+    if any(l or r for l, r in pads):
+        flat = [v for l_r in reversed(pads) for v in l_r]  # F.pad wants the last dim first
+        x = F.pad(x, flat, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return x, 0
+
+
+def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
+    """Per-sample weight gradients ``[B, *weight.shape]`` through torch's conv weight-gradient
+    kernel, with the samples as extra groups (``groups = B * G``): one kernel call, no unfold."""
+    B = activations.shape[0]
+    k = tuple(module.kernel_size)
+    if B == 0:
+        return activations.new_zeros((0, *module.weight.shape))
+    x, padding = _conv_input(module, activations)
+    g = backprops.to(x.dtype)
+    C, O, G = x.shape[1], g.shape[1], module.groups
+    weight_grad = _CONV_WEIGHT_GRAD[len(k)]
+    w = weight_grad(
+        x.reshape(1, B * C, *x.shape[2:]),
+        (B * O, C // G, *k),
+        g.reshape(1, B * O, *g.shape[2:]),
+        stride=module.stride,
+        padding=padding,
+        dilation=module.dilation,
+        groups=B * G,
+    )
+    return w.view(B, O, C // G, *k)
+
+
+def _conv_shapes(module: nn.modules.conv._ConvNd, activations, backprops):
+    """``(L, d, p, G)``: output positions, inputs and outputs per group of the equivalent Linear map."""
+    L = math.prod(backprops.shape[2:])
+    G = module.groups
+    d = (activations.shape[1] // G) * math.prod(module.kernel_size)
+    return L, d, backprops.shape[1] // G, G
+
+
+def _conv_plan(module, activations, backprops) -> bool:
+    """Materialise when the per-sample weight gradient is no larger than the input and output
+    gradient it replaces (per sample): computed with the weight-gradient kernel, it then costs
+    what the clipped-sum contraction would, and the norm comes free."""
+    if not _trainable(module, "weight"):
+        return True
+    B = activations.shape[0]
+    if B == 0:
+        return True
+    return module.weight.numel() * B <= activations.numel() + backprops.numel()
+
+
+def _conv_use_ghost(L: int, d: int, p: int) -> bool:
+    """Ghost norm (``L^2 (d + p)`` per group, plus an unfold of ``L d`` numbers, about 20
+    multiply-adds each on a CPU) against the per-sample weight gradients (``L d p``)."""
+    if _ghost_overridden():
+        return use_ghost(L, d, p)
+    return L * (d + p) + 20 * d < d * p
+
+
+_CHUNK_BYTES = 1 << 23  # per-sample weight gradients taken for a norm only: 8 MiB at a time
+
+
 @torch.no_grad()
 def _conv_psg(module, activations, backprops) -> Grads:
     out: Grads = {}
-    B = activations.shape[0]
     if _trainable(module, "weight"):
-        a, g = _conv_unfold(module, activations, backprops)
-        out["weight"] = torch.einsum("blgo,blgk->bgok", g, a).reshape(B, *module.weight.shape)
+        out["weight"] = _conv_weight_psg(module, activations, backprops)
     if _trainable(module, "bias"):
         out["bias"] = _conv_bias_grad(backprops).to(activations.dtype)
     return out
@@ -250,16 +371,23 @@ def _conv_psg(module, activations, backprops) -> Grads:
 def _conv_sq(module, activations, backprops) -> Grads:
     out: Grads = {}
     if _trainable(module, "weight"):
-        a, g = _conv_unfold(module, activations, backprops)
-        B, L, G, d = a.shape
-        p = g.shape[-1]
-        if use_ghost(L, d, p):
+        L, d, p, G = _conv_shapes(module, activations, backprops)
+        B = activations.shape[0]
+        if _conv_use_ghost(L, d, p):
             # one ghost norm per group; groups fold into the batch dim
+            a, g = _conv_unfold(module, activations, backprops)
             a2 = a.permute(0, 2, 1, 3).reshape(B * G, L, d)
             g2 = g.permute(0, 2, 1, 3).reshape(B * G, L, p)
             out["weight"] = _ghost_sq(a2, g2).reshape(B, G).sum(1)
         else:
-            out["weight"] = _sq(torch.einsum("blgo,blgk->bgok", g, a))
+            # per-sample gradients for the norm only, a few samples at a time
+            step = max(1, _CHUNK_BYTES // max(1, module.weight.numel() * activations.element_size()))
+            out["weight"] = torch.cat(
+                [
+                    _sq(_conv_weight_psg(module, activations[i : i + step], backprops[i : i + step]))
+                    for i in range(0, B, step)
+                ]
+            ) if B else activations.new_zeros(0)
     if _trainable(module, "bias"):
         out["bias"] = _sq(_conv_bias_grad(backprops).to(activations.dtype))
     return out
@@ -270,22 +398,23 @@ def _conv_clipped(module, activations, backprops, scales) -> Grads:
     out: Grads = {}
     if _trainable(module, "weight"):
         # book-keeping through torch's own conv weight-gradient kernel on scaled output
-        # gradients: no unfold (Bu et al. 2023; the clipped sum is linear in g)
+        # gradients (or scaled inputs, whichever is smaller): no unfold (Bu et al. 2023; the
+        # clipped sum is linear in g)
         B = activations.shape[0]
         if B == 0:
             out["weight"] = torch.zeros_like(module.weight)
         else:
-            x = activations
-            pads = _conv_pads(module)
-            if any(l or r for l, r in pads):
-                flat = [v for l_r in reversed(pads) for v in l_r]
-                x = F.pad(x, flat, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-            s = _scale(scales, "weight", backprops).to(x.dtype)
-            gs = backprops.to(x.dtype) * s.view(B, *[1] * (backprops.dim() - 1))
+            x, padding = _conv_input(module, activations)
+            g = backprops.to(x.dtype)
+            s = _scale(scales, "weight", g).to(x.dtype)
+            if x.numel() < g.numel():
+                x = x * s.view(B, *[1] * (x.dim() - 1))
+            else:
+                g = g * s.view(B, *[1] * (g.dim() - 1))
             weight_grad = _CONV_WEIGHT_GRAD[len(module.kernel_size)]
             out["weight"] = weight_grad(
-                x, module.weight.shape, gs, stride=module.stride, padding=0, dilation=module.dilation,
-                groups=module.groups,
+                x, module.weight.shape, g, stride=module.stride, padding=padding,
+                dilation=module.dilation, groups=module.groups,
             ).to(module.weight.dtype)
     if _trainable(module, "bias"):
         bg = _conv_bias_grad(backprops).to(activations.dtype)
@@ -293,7 +422,7 @@ def _conv_clipped(module, activations, backprops, scales) -> Grads:
     return out
 
 
-CONV_RULE = LayerRule(_conv_psg, _conv_sq, _conv_clipped)
+CONV_RULE = LayerRule(_conv_psg, _conv_sq, _conv_clipped, plan=_conv_plan)
 
 
 # --------------------------------------------------------------------------- Embedding

@@ -5,6 +5,8 @@ One process times every method on the same models, the same batches and the same
 
 * ``non-private``      plain ``loss.backward(); optimizer.step()``;
 * ``dpclip auto``      ``dpclip.PrivacyEngine().make_private(grad_sample_mode="auto")``;
+* ``dpclip auto+anchor`` the same with ``GradSampler.anchor_first_layers`` switched on (first
+  layers' weight gradients skipped by autograd as well; not yet make_private's default);
 * ``dpclip hooks``     ``grad_sample_mode="hooks"`` (norms from materialised per-sample grads);
 * ``dpclip bookkeeping`` ``grad_sample_mode="bookkeeping"``;
 * ``dpclip vmap``      ``grad_sample_mode="vmap"`` (every layer through torch.func; skipped with
@@ -24,9 +26,14 @@ Models (synthetic data; sizes picked for a 2-core CPU):
 * ``cnn``  Opacus's MNIST SampleConvNet with GroupNorm after each conv (perf-baseline W2), B=256;
 * ``text`` Embedding(5000, 64) + LayerNorm + per-token Linear(64, 64) + ReLU, mean-pool over
   T=64, Linear(64, 2), B=128;
+* ``cifar`` Opacus's CIFAR-10 convnet, 4 x (conv3x3 + GroupNorm + ReLU + avg-pool) (W3), B=256;
+* ``transformer`` Embedding(10k, 128) + sinusoidal positions + 2 pre-LN blocks with hand-written
+  4-head attention, T=64 (W4), B=256;
 * ``lstm`` Embedding(1000, 32) + ``nn.LSTM(32, 64, batch_first=True)`` + Linear(64, 2) on the
-  last step, T=32, B=64. dpclip hooks the user's ``nn.LSTM`` and takes its per-sample
-  gradients with an exact per-sample loop (``dpclip.grad_sample.vmap.rnn_per_sample_grads``).
+  last step, T=32, B=64;
+* ``lstm-w5`` the same at W5's size: Embedding(10k, 128) + ``nn.LSTM(128, 128)`` + Linear(128, 2),
+  T=32, B=256 (perf-baseline W5). dpclip hooks the user's ``nn.LSTM`` and takes its exact
+  per-sample gradients by recomputing the recurrence batched (``dpclip.grad_sample.rnn``).
   Opacus cannot train ``nn.LSTM``: its rows use ``ModuleValidator.fix(model)``, which swaps in
   ``opacus.layers.DPLSTM`` (same function, same parameter names, a Python loop over time), so
   the Opacus rows run a slower module than the ``non-private`` row. A ``non-private DPLSTM``
@@ -39,14 +46,18 @@ wall ms/step, samples/s (B / median), the ratio to the ``non-private`` median of
 run, the minimum, and the median process CPU time per step (user+sys of both threads; less
 sensitive to other tenants of a shared machine).
 
-Peak memory. Each (model, method) cell runs in a fresh subprocess: imports, model and data
-built, then the RSS high-water mark is reset (``echo 5 > /proc/self/clear_refs``), the method
-is set up and runs 2 steps; ``peak MB = VmHWM(end) - VmRSS(after reset)``: the resident memory
-the method adds on top of the model and data (activations, autograd graph, per-sample
-tensors, hooks' captures). ``ru_maxrss`` is not used: in a child it inherits the parent's
-high-water mark. torch has no CPU allocator statistics (``torch.cuda.memory_stats`` is
-CUDA-only), and ``tracemalloc`` does not see tensor storage. Where clear_refs is unavailable
-the column shows ``VmHWM - VmRSS`` before set-up, marked ``*``.
+Peak memory. Each (model, method) cell runs in a fresh subprocess in which glibc returns every
+freed block of 64 KiB or more to the kernel (``MALLOC_MMAP_THRESHOLD_=65536``), so RSS follows
+the live tensor bytes rather than what the allocator keeps. Imports (torch, dpclip and Opacus:
+their imports alone add 43 / 74 MB of RSS), model and data are built, and RSS is read; the
+method is set up and runs its 2 warm-up steps (dpclip's first-step audit included); the RSS
+high-water mark is reset (``echo 5 > /proc/self/clear_refs``) and 2 more steps run.
+``peak MB = VmHWM(end) - VmRSS(before set-up)``: the steady-state peak of what the method adds
+on top of the model and data (gradients, activations, autograd graph, per-sample tensors,
+hooks' captures, noise, and anything kept between steps). ``ru_maxrss`` is not used: in a
+child it inherits the parent's high-water mark. torch has no CPU allocator statistics
+(``torch.cuda.memory_stats`` is CUDA-only), and ``tracemalloc`` does not see tensor storage.
+Where clear_refs is unavailable the high-water mark includes the warm-up, marked ``*``.
 
 Correctness (on the side). With ``noise_multiplier=0`` and SGD lr 0, one step on the first
 batch; the gradient each method leaves in ``p.grad`` (clipped sum / B) is compared with Opacus
@@ -100,6 +111,7 @@ CLIP = 1.0
 LR = 0.05
 N_BATCHES = 4
 WARMUP = 2
+MEM_STEPS = 2  # steady-state steps in the peak-memory subprocess
 
 # --------------------------------------------------------------------------- models
 
@@ -258,7 +270,7 @@ MODELS: dict[str, ModelSpec] = {
         Transformer,
         lambda n, g: torch.randint(0, 10_000, (n, 64), generator=g),
         2,
-        128,
+        256,
     ),
     "lstm": ModelSpec(
         "lstm",
@@ -269,11 +281,21 @@ MODELS: dict[str, ModelSpec] = {
         64,
         opacus_fix=True,
     ),
+    "lstm-w5": ModelSpec(
+        "lstm-w5",
+        "Emb(10k,128)+nn.LSTM(128,128) (W5), T=32",
+        lambda: LSTMModel(vocab=10_000, dim=128, hidden=128),
+        lambda n, g: torch.randint(0, 10_000, (n, 32), generator=g),
+        2,
+        256,
+        opacus_fix=True,
+    ),
 }
 
 METHODS = [
     "non-private",
     "dpclip auto",
+    "dpclip auto+anchor",
     "dpclip hooks",
     "dpclip bookkeeping",
     "dpclip vmap",
@@ -359,9 +381,13 @@ def make_runner(
             max_grad_norm=CLIP,
             poisson_sampling=False,
             clipping="flat",
-            grad_sample_mode=method.split()[1],
+            grad_sample_mode=method.split()[1].split("+")[0],
             generator=torch.Generator().manual_seed(1),
         )
+        if method.endswith("+anchor"):
+            # GradSampler(anchor_first_layers=True): first layers skip autograd too (not yet
+            # make_private's default); reaches into the engine's attachment
+            engine._attachment.sampler.anchor_first_layers = True
         keep.append(engine)
     elif method.startswith("opacus"):
         import opacus
@@ -474,25 +500,37 @@ def _proc_status() -> dict[str, int]:
 
 
 def memory_child(model: str, method: str, batch_size: int) -> None:
-    """Runs in a fresh subprocess; prints one JSON line."""
+    """Runs in a fresh subprocess (see ``_memory_env``); prints one JSON line."""
     torch.set_num_threads(THREADS)
     spec = MODELS[model]
     state = initial_state(spec)
     dataset, batches = make_data(spec, batch_size)
-    reset = True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        reset = False
+    # Module imports are a one-off cost of the process (43 MB of RSS for dpclip, 74 MB for
+    # Opacus), not memory of the method's step: both libraries are imported before the baseline.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import dpclip
+        import dpclip.privacy_engine  # noqa: F401
+        import opacus
+        import opacus.validators  # noqa: F401
+
+        dpclip.PrivacyEngine(accountant="rdp")
+        opacus.PrivacyEngine(accountant="rdp")
     before = _proc_status()
-    res: dict[str, Any] = {"reset": reset}
+    res: dict[str, Any] = {"reset": True}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = make_runner(method, spec, state, dataset, batch_size)
             for i in range(WARMUP):
                 r.step(*batches[i % N_BATCHES])
+            try:  # steady state: reset the high-water mark after the warm-up steps
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                res["reset"] = False
+            for i in range(MEM_STEPS):
+                r.step(*batches[(WARMUP + i) % N_BATCHES])
         after = _proc_status()
         res["peak_mb"] = (after["VmHWM"] - before["VmRSS"]) / 1024
     except Exception as e:
@@ -500,10 +538,20 @@ def memory_child(model: str, method: str, batch_size: int) -> None:
     print("MEMJSON " + json.dumps(res))
 
 
+def _memory_env() -> dict[str, str]:
+    """glibc returns every block of 64 KiB or more to the kernel when it is freed (fixed mmap
+    threshold, no heap retention), so RSS follows the live tensor bytes and the high-water mark
+    is the peak of live memory, not of what the allocator happened to keep."""
+    env = os.environ.copy()
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_TRIM_THRESHOLD_"] = "131072"
+    return env
+
+
 def measure_memory(model: str, method: str, batch_size: int, timeout: float = 300) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", model, method, str(batch_size)]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_memory_env())
     except subprocess.TimeoutExpired:
         return {"error": "timeout"}
     for line in p.stdout.splitlines():
@@ -548,13 +596,16 @@ def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return num / max(den, 1e-300)
 
 
-def check_model(spec: ModelSpec, batch_size: int, log) -> dict[str, Any]:
+def check_model(spec: ModelSpec, batch_size: int, log, methods: list[str] | None = None) -> dict[str, Any]:
     state = initial_state(spec)
     dataset, batches = make_data(spec, batch_size)
     ref64 = f64_reference(spec, state, *batches[0])
     grads: dict[str, dict] = {}
     out: dict[str, Any] = {}
-    for m in DPCLIP_MODES + ["opacus hooks", "opacus functorch", "opacus ghost"]:
+    checked = DPCLIP_MODES + ["opacus hooks", "opacus functorch", "opacus ghost"]
+    if methods is not None:
+        checked = [m for m in checked if m in methods or m == "opacus hooks"]
+    for m in checked:
         try:
             grads[m] = one_step_grads(m, spec, state, dataset, batches, batch_size)
         except Exception as e:
@@ -707,6 +758,7 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all); non-private is always timed")
     ap.add_argument("--batch-size", type=int, default=None, help="one batch size for every model (default: per model)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20; 5 with --quick)")
     ap.add_argument("--quick", action="store_true", help="cnn only (unless --models), 5 steps, no memory subprocesses")
@@ -745,16 +797,20 @@ def main(argv: list[str] | None = None) -> int:
         spec = MODELS[name]
         bs = args.batch_size or spec.batch_size
         t0 = time.perf_counter()
-        log(f"[{name}] timing {len(methods_for(spec))} methods, B={bs}, {steps} steps each ...")
+        methods = methods_for(spec)
+        if args.methods:
+            wanted = {m.strip() for m in args.methods.split(",")} | {"non-private"}
+            methods = [m for m in methods if m in wanted]
+        log(f"[{name}] timing {len(methods)} methods, B={bs}, {steps} steps each ...")
         res: dict[str, Any] = {"description": spec.description, "batch_size": bs}
-        res["timing"] = time_model(spec, bs, steps, methods_for(spec), log)
+        res["timing"] = time_model(spec, bs, steps, methods, log)
         if memory:
             log(f"[{name}] peak memory (one subprocess per method) ...")
-            res["memory"] = {m: measure_memory(name, m, bs) for m in methods_for(spec)}
+            res["memory"] = {m: measure_memory(name, m, bs) for m in methods}
         if not args.no_check:
             log(f"[{name}] correctness check ...")
             try:
-                res["check"] = check_model(spec, bs, log)
+                res["check"] = check_model(spec, bs, log, methods)
             except Exception:
                 res["check"] = {"all": {"error": traceback.format_exc().splitlines()[-1]}}
         res["seconds"] = time.perf_counter() - t0
@@ -775,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, memory)
     if memory:
         print("\npeak MB: VmHWM - VmRSS after reset, fresh subprocess per cell (set-up + 2 steps); * = no clear_refs reset")
-    if any("lstm" == m for m in models):
+    if any(m.startswith("lstm") for m in models):
         print("lstm: Opacus rows run opacus.layers.DPLSTM (ModuleValidator.fix); 'non-private DPLSTM' is their floor")
     if not args.no_check:
         print_checks(results)
