@@ -112,7 +112,7 @@ def group_norms(deltas: Mapping[str, torch.Tensor], groups: Groups) -> torch.Ten
         sq = None
         for key in group:
             t = deltas[key].detach().to(torch.float64)
-            s = t.reshape(t.shape[0], -1).pow(2).sum(1)
+            s = t.reshape(t.shape[0], t.shape[1:].numel()).pow(2).sum(1)
             sq = s if sq is None else sq + s
         cols.append(sq.sqrt())
     return torch.stack(cols, 1)

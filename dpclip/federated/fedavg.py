@@ -56,11 +56,12 @@ def _int(name: str, value: object, low: int) -> int:
     return value
 
 
-def _float(name: str, value: object, *, low: float = 0.0, strict: bool = True, high: float = math.inf) -> float:
+def _float(name: str, value: object, *, low: float = 0.0, strict: bool = True, high: float = math.inf,
+           allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {value!r}")
     x = float(value)
-    ok = (x > low if strict else x >= low) and x < high and not math.isnan(x)
+    ok = (x > low if strict else x >= low) and (x < high or (allow_inf and x == math.inf)) and not math.isnan(x)
     if not ok:
         rel = ">" if strict else ">="
         raise ValueError(f"{name} must be {rel} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
@@ -200,9 +201,9 @@ def layer_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
 def initial_clip(clip: float | Sequence[float], clipping: str, layers: int) -> tuple[float, ...]:
     """The starting thresholds: flat ``(C,)``; per-layer ``C / sqrt(L)`` each, or the ``L`` values given."""
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):
-        c = _float("clip", clip)
+        c = _float("clip", clip, allow_inf=True)
         return (c,) if clipping == "flat" else (c / math.sqrt(layers),) * layers
-    values = tuple(_float(f"clip[{i}]", v) for i, v in enumerate(clip))
+    values = tuple(_float(f"clip[{i}]", v, allow_inf=True) for i, v in enumerate(clip))
     want = 1 if clipping == "flat" else layers
     if len(values) != want:
         raise ValueError(f"{len(values)} clip values for {clipping} clipping of a model with {layers} layers; "
