@@ -485,7 +485,12 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
     train.add_argument("--clipping", choices=TRAIN_CLIPPINGS, default="flat", help="default: flat")
     train.add_argument("--max-grad-norm", type=_positive, default=0.1, metavar="C",
-                       help="clipping bound (per_layer: split evenly over the parameter tensors; default: 0.1)")
+                       help="clipping bound (per_layer: C / sqrt(layers) per layer; default: 0.1)")
+    train.add_argument("--clip-controller", choices=("none", "quantile"), default="none",
+                       help="quantile: move C towards the median per-sample norm from privatised counts "
+                            "(default: none; adaptive_layerwise clipping always uses quantile)")
+    train.add_argument("--batch-clip-size", type=_positive_int, metavar="N",
+                       help="batch clipping only: expected micro-batch size (default: the whole batch)")
     train.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
     train.add_argument("--seed", type=_steps, default=0, metavar="N", help="default: 0")
     train.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (quick tests)")
@@ -509,7 +514,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_dir=args.data_dir, model=args.model, target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier, delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, momentum=args.momentum, optimizer=args.optimizer, clipping=args.clipping,
-        max_grad_norm=args.max_grad_norm, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
+        max_grad_norm=args.max_grad_norm, clip_controller=args.clip_controller,
+        batch_clip_size=args.batch_clip_size, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
         train_subset=args.train_subset, threads=args.threads, out=args.out, progress=args.progress,
     )
     try:

@@ -20,8 +20,8 @@ written. With ``out``, the run leaves in that folder:
   test_loss, test_accuracy, epsilon, seconds``;
 * ``curves.png`` — test accuracy and ε against epochs;
 * ``checkpoint.pt`` — model and optimizer ``state_dict``, the privacy state (the engine's
-  ``state_dict()`` where it has one, else the accountant's), the sampling/noise generator
-  state, the config and the last metrics;
+  ``state_dict()``: accountant history, generator states, clipping thresholds), the config
+  and the metrics;
 * ``result.json`` — what :func:`train` returns.
 
 All randomness comes from explicit ``torch.Generator`` s derived from ``seed`` (model
@@ -51,11 +51,12 @@ from .data import DATASETS, load_dataset
 from .models import MODELS, build_model, count_parameters
 
 __all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer",
-           "per_layer_bounds", "METRIC_FIELDS"]
+           "METRIC_FIELDS"]
 
 OPTIMIZERS = ("sgd", "adam")
 CLIPPINGS = ("flat", "per_layer", "automatic", "batch", "adaptive_layerwise")
 ACCOUNTANTS = ("prv", "rdp")
+CONTROLLERS = ("none", "quantile")
 METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "seconds")
 
 
@@ -64,8 +65,12 @@ class TrainConfig:
     """One training run. Give exactly one of ``target_epsilon`` and ``noise_multiplier``.
 
     ``batch_size`` is the *expected* Poisson batch size: ``sample_rate = batch_size / N``.
-    ``max_grad_norm`` is the clipping bound C (``per_layer``: split evenly, C / sqrt(L) per
-    parameter tensor, so the total sensitivity is still C; ``automatic`` ignores it).
+    ``max_grad_norm`` is the clipping bound C (``per_layer`` / ``adaptive_layerwise``: the
+    engine gives each of the L layers C / sqrt(L), so the total sensitivity is still C;
+    ``automatic`` ignores it). ``clip_controller``: ``"none"`` keeps C fixed, ``"quantile"``
+    moves it towards the median per-sample norm from privatised counts (Andrew et al. 2021;
+    ``adaptive_layerwise`` uses it by default). ``batch_clip_size``: ``batch`` clipping only,
+    the expected micro-batch size (default: the whole batch is one unit).
     ``max_steps`` stops the run early (ε is what the steps run spent); ``train_subset`` trains
     on a random subset of that many training examples; ``threads`` defaults to the CPUs this
     process may use.
@@ -84,6 +89,8 @@ class TrainConfig:
     optimizer: str = "sgd"
     clipping: str = "flat"
     max_grad_norm: float = 0.1
+    clip_controller: str = "none"
+    batch_clip_size: int | None = None
     accountant: str = "prv"
     grad_sample_mode: str = "auto"
     seed: int = 0
@@ -115,7 +122,7 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name} must be a whole number >= 1; got {value!r}")
-    for name in ("max_steps", "train_subset", "threads"):
+    for name in ("max_steps", "train_subset", "threads", "batch_clip_size"):
         value = getattr(cfg, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             problems.append(f"{name} must be a whole number >= 1 (or unset); got {value!r}")
@@ -129,6 +136,10 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"clipping {cfg.clipping!r} is not one of {', '.join(CLIPPINGS)}")
     if not 0 < cfg.max_grad_norm < math.inf:
         problems.append(f"max_grad_norm must be a finite number > 0 (e.g. 0.1); got {cfg.max_grad_norm}")
+    if cfg.clip_controller not in CONTROLLERS:
+        problems.append(f"clip_controller {cfg.clip_controller!r} is not one of {', '.join(CONTROLLERS)}")
+    if cfg.batch_clip_size is not None and cfg.clipping != "batch":
+        problems.append(f"batch_clip_size is for clipping 'batch'; got clipping {cfg.clipping!r}")
     if cfg.accountant not in ACCOUNTANTS:
         problems.append(f"accountant {cfg.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -163,12 +174,6 @@ def make_optimizer(name: str, params: Any, lr: float, momentum: float) -> torch.
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999))
     raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
-
-
-def per_layer_bounds(model: nn.Module, max_grad_norm: float) -> list[float]:
-    """``C / sqrt(L)`` for each of the ``L`` trainable parameter tensors: total sensitivity ``C``."""
-    count = sum(1 for p in model.parameters() if p.requires_grad)
-    return [max_grad_norm / math.sqrt(count)] * count
 
 
 @torch.no_grad()
@@ -216,12 +221,13 @@ class _Running:
         return self.correct / self.count if self.count else math.nan
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool, log: TextIO):
+    """A tqdm bar on ``log`` (None when disabled); its postfix shows loss, accuracy and epsilon so far."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, unit="step")
+    return tqdm(total=total, desc=desc, leave=False, file=log, dynamic_ncols=True, unit="step", mininterval=0.5)
 
 
 # -- output files -----------------------------------------------------------------------------
@@ -255,11 +261,12 @@ def plot_curves(path: Path, rows: list[dict[str, float]], title: str, delta: flo
     fig.savefig(path, dpi=120)
 
 
-def privacy_state(engine: Any) -> dict[str, Any]:
-    """The engine's ``state_dict()`` where it has one, else ``{"accountant": accountant.state_dict()}``."""
+def privacy_state(engine: Any, generator: torch.Generator) -> dict[str, Any]:
+    """``{"engine": engine.state_dict()}`` (accountant, generators, thresholds) where the engine has one,
+    else ``{"accountant": ..., "generator": ...}``: the accountant's history and the generator's state."""
     if hasattr(engine, "state_dict"):
         return {"engine": engine.state_dict()}
-    return {"accountant": engine.accountant.state_dict()}
+    return {"accountant": engine.accountant.state_dict(), "generator": generator.get_state()}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -321,12 +328,16 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
     model = build_model(cfg.model, channels, 10, image_size=height, generator=gens["model"])
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum)
     loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)))
-    max_grad_norm: Any = per_layer_bounds(model, cfg.max_grad_norm) if cfg.clipping == "per_layer" \
-        else cfg.max_grad_norm
     engine = PrivacyEngine(accountant=cfg.accountant)
-    common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=max_grad_norm,
-                  poisson_sampling=True, clipping=cfg.clipping, grad_sample_mode=cfg.grad_sample_mode,
-                  generator=gens["private"])
+    common: dict[str, Any] = dict(module=model, optimizer=optimizer, data_loader=loader,
+                                  max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, clipping=cfg.clipping,
+                                  grad_sample_mode=cfg.grad_sample_mode, generator=gens["private"])
+    if cfg.clip_controller == "quantile":
+        from .controllers import Quantile
+
+        common["clip_controller"] = Quantile()
+    if cfg.batch_clip_size is not None:
+        common["batch_clip_size"] = cfg.batch_clip_size
     if cfg.target_epsilon is not None:
         model, optimizer, loader = engine.make_private_with_epsilon(
             target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=cfg.epochs, **common)
@@ -350,7 +361,7 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
     while run.steps < total_steps:
         epoch += 1
         epoch_start, first_step, running = time.perf_counter(), run.steps, _Running()
-        bar = _progress_bar(min(steps_per_epoch, total_steps - run.steps), f"epoch {epoch}/{cfg.epochs}", show_bar)
+        bar = _progress_bar(min(steps_per_epoch, total_steps - run.steps), f"epoch {epoch}/{cfg.epochs}", show_bar, log)
         epsilon = _epsilon(engine, cfg.delta)
         for x, y in loader:
             if len(y) > 0:
@@ -416,6 +427,7 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
         "optimizer": cfg.optimizer,
         "clipping": cfg.clipping,
         "max_grad_norm": cfg.max_grad_norm,
+        "clip_controller": cfg.clip_controller,
         "seed": cfg.seed,
         "threads": threads,
         "metrics": run.rows,
@@ -427,7 +439,7 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
         plot_curves(files["plot"], run.rows, f"dpclip: {cfg.dataset}, {cfg.model}, \u03c3 = {noise_multiplier:.3g}, "
                     f"q = {sample_rate:.3g}", cfg.delta)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "privacy": privacy_state(engine), "generator": gens["private"].get_state(),
+                    "privacy": privacy_state(engine, gens["private"]),
                     "config": asdict(cfg), "metrics": run.rows, "noise_multiplier": noise_multiplier,
                     "sample_rate": sample_rate, "steps": run.steps}, files["checkpoint"])
         result["files"] = {k: str(v) for k, v in files.items()}

@@ -230,14 +230,21 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
+def _mean_std(images: np.ndarray) -> tuple[float, float]:
+    """Mean and std of ``images / 255`` from the byte histogram (exact, and fast on 47M pixels)."""
+    counts = np.bincount(images.ravel(), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255
+    mean = float(counts @ values / counts.sum())
+    return mean, float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
+
+
 def test_real_mnist_shapes_counts_and_statistics():
     arrays = real_mnist()
     assert arrays.train_x.shape == (60000, 1, 28, 28) and arrays.test_x.shape == (10000, 1, 28, 28)
     assert np.bincount(arrays.train_y).tolist() == MNIST_TRAIN_COUNTS
     assert np.bincount(arrays.test_y).tolist() == MNIST_TEST_COUNTS
-    pixels = arrays.train_x.astype(np.float64) / 255
-    assert pixels.mean() == pytest.approx(0.1307, abs=5e-5)
-    assert pixels.std() == pytest.approx(0.3081, abs=5e-5)
+    mean, std = _mean_std(arrays.train_x)
+    assert mean == pytest.approx(0.1307, abs=5e-5) and std == pytest.approx(0.3081, abs=5e-5)
     # the IDX files hold the same bytes: sanity of the wheel's pixel encoding (uint8 / 256)
     assert arrays.train_x.max() == 255 and arrays.train_x.min() == 0
 
@@ -248,8 +255,8 @@ def test_real_fashion_mnist_if_installed():
     arrays = load_arrays("fashion-mnist")
     assert np.bincount(arrays.train_y).tolist() == [6000] * 10
     assert np.bincount(arrays.test_y).tolist() == [1000] * 10
-    pixels = arrays.train_x.astype(np.float64) / 255
-    assert pixels.mean() == pytest.approx(0.2860, abs=5e-5) and pixels.std() == pytest.approx(0.3530, abs=5e-5)
+    mean, std = _mean_std(arrays.train_x)
+    assert mean == pytest.approx(0.2860, abs=5e-5) and std == pytest.approx(0.3530, abs=5e-5)
 
 
 def test_gzip_helper_matches_real_gzip(tmp_path):
