@@ -29,11 +29,11 @@ _LAZY = {
     "dp_aggregate": "aggregate",
     "PartitionSpec": "spec",
     "parse_partition": "spec",
-    "partition": "partition",
-    "iid_partition": "partition",
-    "dirichlet_partition": "partition",
-    "shard_partition": "partition",
-    "label_counts": "partition",
+    "partition": "partitions",
+    "iid_partition": "partitions",
+    "dirichlet_partition": "partitions",
+    "shard_partition": "partitions",
+    "label_counts": "partitions",
 }
 
 __all__ = sorted(_LAZY)

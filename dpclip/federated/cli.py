@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .datasets import build_model, load
     from .fedavg import FedAvgConfig, LocalDP, simulate
-    from .partition import partition
+    from .partitions import partition
 
     start = time.perf_counter()
     if args.threads is not None:

@@ -258,25 +258,53 @@ def local_batch_plan(
 
 
 # -- local training -----------------------------------------------------------------------------
-def _make_local_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, buffers: dict, lr: float) -> Callable:
-    """``local(params, index [S, B], mask [S, B]) -> delta``: S masked SGD steps on the mean loss."""
+class _LocalSGD:
+    """Masked minibatch SGD on the mean cross-entropy, one client at a time or vmapped over clients.
 
-    def loss(params: dict, xb: torch.Tensor, yb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (params, buffers), (xb,))
-        per = F.cross_entropy(logits, yb, reduction="none")
-        return (per * m).sum() / m.sum().clamp_min(1.0)
+    ``step(params, xb, yb, m) -> params - lr * grad`` where the loss is
+    ``sum_i m_i CE_i / max(1, sum_i m_i)`` (a mask of 0 drops padding positions).
+    """
 
-    step_grad = grad(loss)
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, buffers: dict, lr: float) -> None:
+        self.x, self.y, self.lr = x, y, lr
 
-    def local(params: dict, index: torch.Tensor, mask: torch.Tensor) -> dict:
+        def loss(params: dict, xb: torch.Tensor, yb: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            logits = functional_call(model, (params, buffers), (xb,))
+            per = F.cross_entropy(logits, yb, reduction="none")
+            return (per * m).sum() / m.sum().clamp_min(1.0)
+
+        def step(params: dict, xb: torch.Tensor, yb: torch.Tensor, m: torch.Tensor) -> dict:
+            g = grad(loss)(params, xb, yb, m)
+            return {k: params[k] - lr * g[k] for k in params}
+
+        self.step = step
+        self.batched_step = vmap(step)  # params, batches and masks all stacked over clients
+
+    def one(self, params: dict, index: torch.Tensor, mask: torch.Tensor) -> dict:
+        """One client's delta after the steps ``index [S, B]`` (positions into x) with ``mask [S, B]``."""
         start = params
         for s in range(index.shape[0]):
-            idx = index[s]
-            g = step_grad(params, x[idx], y[idx], mask[s])
-            params = {k: params[k] - lr * g[k] for k in params}
+            params = self.step(params, self.x[index[s]], self.y[index[s]], mask[s])
         return {k: params[k] - start[k] for k in params}
 
-    return local
+    def many(self, params: dict, plans: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """``{name: [U, ...]}`` deltas of U clients trained together: at local step ``s`` the clients
+        that still have a step ``s`` take it in one vmapped call on their stacked parameters."""
+        u = len(plans)
+        steps = torch.tensor([index.shape[0] for index, _ in plans])
+        stacked = {k: v.unsqueeze(0).expand(u, *v.shape).clone() for k, v in params.items()}
+        for s in range(int(steps.max())):
+            active = (steps > s).nonzero().squeeze(1)
+            index = torch.stack([plans[i][0][s] for i in active.tolist()])
+            mask = torch.stack([plans[i][1][s] for i in active.tolist()])
+            if active.numel() == u:
+                stacked = self.batched_step(stacked, self.x[index], self.y[index], mask)
+            else:
+                new = self.batched_step({k: v[active] for k, v in stacked.items()}, self.x[index], self.y[index],
+                                        mask)
+                for k in stacked:
+                    stacked[k][active] = new[k]
+        return {k: stacked[k] - params[k] for k in params}
 
 
 def _local_dp_delta(
@@ -367,7 +395,7 @@ def simulate(
     Args:
         model: a module without BatchNorm; its trainable parameters are federated.
         train: ``(x [N, ...], y [N])`` the training examples of all clients.
-        parts: one index tensor into ``train`` per client (:mod:`dpclip.federated.partition`).
+        parts: one index tensor into ``train`` per client (:mod:`dpclip.federated.partitions`).
         config: :class:`FedAvgConfig`.
         generator: drives the client sampling, the local batches and (through a generator
             seeded from it) the noise.
@@ -425,8 +453,7 @@ def simulate(
     else:
         opt = torch.optim.Adam(list(server_params.values()), lr=config.server_lr,
                                betas=(config.server_momentum, 0.999))
-    local_sgd = _make_local_sgd(model, x, y, buffers, config.local_lr)
-    batched_sgd = vmap(local_sgd, in_dims=(None, 0, 0)) if path == "vmap" else None
+    local_sgd = _LocalSGD(model, x, y, buffers, config.local_lr)
     accountant = make_accountant(config.accountant)
     local_plan = {}
     if config.local_dp is not None:
@@ -452,7 +479,7 @@ def simulate(
             chosen = [k for k in sample_clients(num_clients, q, generator).tolist() if sizes[k] > 0]
             current = {k: v.detach() for k, v in server_params.items()}
             deltas = _client_deltas(
-                path, chosen, parts, sizes, current, config, generator, local_sgd, batched_sgd, model, x, y,
+                path, chosen, parts, sizes, current, config, generator, local_sgd, model, x, y,
                 local_plan,
             )
             release: RoundRelease = dp_aggregate(
@@ -524,7 +551,7 @@ def simulate(
 def _client_deltas(
     path: str, chosen: list[int], parts: Sequence[torch.Tensor], sizes: list[int],
     params: dict[str, torch.Tensor], config: FedAvgConfig, generator: torch.Generator,
-    local_sgd: Callable, batched_sgd: Callable | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+    local_sgd: _LocalSGD, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     local_plan: Mapping[int, tuple[float, float, int]],
 ) -> dict[str, torch.Tensor]:
     """``{name: [U, ...]}``: the round's client deltas, in the order of ``chosen``."""
@@ -547,13 +574,6 @@ def _client_deltas(
         pos, mask = local_batch_plan(sizes[k], config.local_epochs, config.local_batch_size, generator)
         plans.append((parts[k][pos], mask))
     if path == "loop":
-        rows = [local_sgd(params, index, mask) for index, mask in plans]
+        rows = [local_sgd.one(params, index, mask) for index, mask in plans]
         return {name: torch.stack([r[name] for r in rows]) for name in params}
-    steps = max(index.shape[0] for index, _ in plans)
-    index = torch.zeros(len(plans), steps, config.local_batch_size, dtype=torch.int64)
-    masks = torch.zeros(len(plans), steps, config.local_batch_size)
-    for u, (i, m) in enumerate(plans):
-        index[u, : i.shape[0]] = i
-        masks[u, : m.shape[0]] = m
-    assert batched_sgd is not None
-    return batched_sgd(params, index, masks)
+    return local_sgd.many(params, plans)

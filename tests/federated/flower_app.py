@@ -33,7 +33,7 @@ from torch.nn import functional as F  # noqa: E402
 from dpclip.controllers import Quantile  # noqa: E402
 from dpclip.federated.datasets import build_model, synthetic  # noqa: E402
 from dpclip.federated.flower import DPFedAvg  # noqa: E402
-from dpclip.federated.partition import iid_partition  # noqa: E402
+from dpclip.federated.partitions import iid_partition  # noqa: E402
 
 CLIENTS, ROUNDS, EPOCHS, LR = 3, 2, 2, 0.3
 DP = dict(clients_per_round=2.0, noise_multiplier=0.8, clip_norm=0.5, delta=1e-5)

@@ -14,7 +14,7 @@ from accountants import PRVAccountant, RDPAccountant
 from dpclip.controllers import Fixed, Quantile
 from dpclip.federated.datasets import build_model, synthetic
 from dpclip.federated.fedavg import FedAvgConfig, LocalDP, simulate, vmap_problem
-from dpclip.federated.partition import dirichlet_partition, iid_partition
+from dpclip.federated.partitions import dirichlet_partition, iid_partition
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpclip.federated.partition import (
+from dpclip.federated.partitions import (
     dirichlet_partition,
     iid_partition,
     label_counts,
