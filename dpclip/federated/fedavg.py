@@ -425,7 +425,9 @@ def simulate(
     names = [k for g in groups for k in g]
     clip = initial_clip(config.clip, config.clipping, len(groups))
     agg_groups = groups if config.clipping == "per_layer" else (tuple(names),)
-    controller = config.controller
+    # a copy: some controllers keep state (PrivateAutoClip's histogram, PrivateZClip's averages),
+    # and a config reused for a second run must start from the same controller
+    controller = copy.deepcopy(config.controller)
     if controller is None:
         from ..controllers import Fixed
 

@@ -41,6 +41,7 @@ budget, a zero update is fine, and epsilon is composed across rounds.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
@@ -125,7 +126,7 @@ class DPFedAvg(Strategy):
             raise ValueError(f"clipping must be 'flat' or 'per_layer'; got {clipping!r}")
         self.clipping = clipping
         self._clip_arg = clip_norm
-        self.controller = None if controller is None else check_controller(controller)
+        self.controller = None if controller is None else copy.deepcopy(check_controller(controller))
         if server_optimizer not in ("sgd", "adam"):
             raise ValueError(f"server_optimizer must be 'sgd' or 'adam'; got {server_optimizer!r}")
         self.server_optimizer = server_optimizer

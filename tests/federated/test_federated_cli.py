@@ -79,3 +79,19 @@ def test_parser_imports_neither_torch_nor_flwr():
             "print('torch' in sys.modules, 'flwr' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("name", ["multiobjective", "autoclip", "zclip"])
+def test_histogram_controllers_run_federated(capsys, name):
+    import dpclip.controllers as controllers
+    from dpclip.federated.cli import CONTROLLERS
+
+    if not hasattr(controllers, CONTROLLERS[name]):
+        pytest.skip(f"dpclip.controllers has no {CONTROLLERS[name]} yet")
+    code, out, err = _run(capsys, "--noise-multiplier", "0.7", "--clip-controller", name,
+                          "--count-noise-multiplier", "2", "--json", "--rounds", "3")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["clip_history"]) == 3 and all(c > 0 for c in result["clip_history"])
+    assert result["clip_history"][1] != result["clip_history"][0]  # the controller moved the threshold
+    assert result["accountant_history"] == [[0.7, 4 / 12, 3]]
