@@ -684,10 +684,17 @@ def test_attention_with_positional_key_padding_mask():
     x = torch.randn(4, 5, 3, generator=gen(), dtype=DT)
     y = torch.randint(0, 2, (4,), generator=gen(1))
     check(model, x, y)
+    # a keyword key_padding_mask: fine for the batched recomputation (mha.py) ...
     model = randomise(MaskedAttn(keyword=True))
-    with run(model, x, y) as gs:
+    check(model, x, y)
+    # ... but the torch.func fallback passes keyword arguments unbatched: refused
+    gs = GradSampler(model, use_rules=False)
+    try:
+        ce_mean(model(x), y).backward()
         with pytest.raises(ValueError, match="positionally"):
             gs.per_sample_grads()
+    finally:
+        gs.remove()
 
 
 def test_no_capture_inside_torch_func_transforms():
@@ -979,3 +986,43 @@ def test_planned_materialisation_matches_other_modes():
         for p in norms:
             torch.testing.assert_close(norms[p], results[0][0][p], **TOL)
             torch.testing.assert_close(sums[p], results[0][1][p], **TOL)
+
+
+class ReusedSeq(nn.Module):
+    """A sequence Linear called twice plus two Linear modules sharing one weight (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(8, 16)
+        self.a = nn.Linear(16, 8)
+        self.b = nn.Linear(16, 8, bias=False)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x [B, 2, 8]
+        h = torch.tanh(self.shared(x))
+        h2 = torch.tanh(self.shared(torch.tanh(self.a(h)))) + h
+        return self.head((self.b(h2) + self.a(h)).mean(1))
+
+
+@pytest.mark.parametrize("ghost", ["auto", "always", "never"])
+def test_reused_linear_ghost_norm_has_the_cross_terms(ghost, monkeypatch):
+    """Multi-use Linear parameters: the ghost norm of the uses concatenated along positions
+    equals the norm of the summed per-sample gradient (no materialisation in auto/always)."""
+    from dpclip.grad_sample import rules
+
+    model = randomise(ReusedSeq())
+    x = torch.randn(5, 2, 8, generator=gen(), dtype=DT)
+    y = torch.randint(0, 3, (5,), generator=gen(1))
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    calls = []
+    real = rules._ghost_sq
+    monkeypatch.setattr(rules, "_ghost_sq", lambda a, g: calls.append(a.shape[1]) or real(a, g))
+    with run(model, x, y, loss="sum", ghost=ghost) as gs:
+        norms = gs.per_sample_sq_norms()
+        for n, p in trainable(model).items():
+            torch.testing.assert_close(norms[p], sq(oracle[n]), **TOL, msg=n)
+        assert gs._grad_cache == {} or ghost == "never"  # nothing materialised for the norms
+    if ghost != "never":
+        assert 4 in calls  # shared.weight: two calls of 2 positions each, one ghost norm
+    check(model, x, y, ghost=ghost)

@@ -509,3 +509,120 @@ def test_float32_rules_within_1e5_of_the_float64_oracle(name, make, inputs):
         assert (sq[n].double() - want_sq).abs().max().item() <= 1e-5 * want_sq.max().item(), n
         want_sum = torch.tensordot(scales[n].double(), want, dims=1)
         assert (sums[n].double() - want_sum).abs().max().item() <= 1e-5 * max(scale, want_sum.abs().max().item()), n
+
+
+def _float32_check(make, inputs, monkeypatch, ghost=None, seed=0):
+    """float32 rule (per-sample grads, norms with the ghost branch forced or chosen, clipped
+    sum) within 1e-5 relative of the float64 oracle on the same parameter values."""
+    torch.manual_seed(seed)
+    layer64 = randomise(make(), seed=seed + 1)
+    layer32 = make().float()
+    layer32.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
+    layer64.load_state_dict({k: v.double() for k, v in layer32.state_dict().items()})
+    x32 = inputs()
+    x64 = x32.double() if x32.is_floating_point() else x32
+    y64 = targets_for(layer64, x64, torch.Generator().manual_seed(seed + 3))
+    oracle = per_sample_grads_loop(layer64, sq_loss, x64, y64)
+    a, g = capture(layer32, x32, y64.float())
+    rule = rule_for(layer32)
+    psg = rule.per_sample_grads(layer32, a, g)
+    with monkeypatch.context() as mp:
+        if ghost is not None:
+            mp.setattr(rules_mod, "use_ghost", lambda T, d, p, _g=ghost: _g)
+        sq = rule.sq_norms(layer32, a, g)
+    scales = {n: torch.rand(len(x32), generator=torch.Generator().manual_seed(seed)) for n in psg}
+    sums = rule.clipped_sum(layer32, a, g, scales)
+    # relative to the largest entry over all parameters of the layer
+    scale = max(w.abs().max().item() for w in oracle.values())
+    sq_scale = max(w.flatten(1).pow(2).sum(1).max().item() for w in oracle.values())
+    for n, want in oracle.items():
+        assert psg[n].dtype == sq[n].dtype == sums[n].dtype == torch.float32
+        assert (psg[n].double() - want).abs().max().item() <= 1e-5 * scale, n
+        want_sq = want.flatten(1).pow(2).sum(1)
+        assert (sq[n].double() - want_sq).abs().max().item() <= 1e-5 * sq_scale, n
+        want_sum = torch.tensordot(scales[n].double(), want, dims=1)
+        tol = 1e-5 * max(scale, max(w.abs().max().item() for w in [want_sum]))
+        assert (sums[n].double() - want_sum).abs().max().item() <= tol, n
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 6),
+    groups=st.sampled_from([1, 2]),
+    k=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, "same"]),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    bias=st.booleans(),
+    dim=st.sampled_from([1, 2]),
+    ghost=st.sampled_from([None, True, False]),
+    seed=st.integers(0, 1000),
+)
+def test_float32_conv_hypothesis(B, groups, k, stride, dilation, padding, mode, bias, dim, ghost, seed):
+    """Conv1d/2d in float32, every branch (grouped weight-gradient kernel, ghost, chunks)."""
+    if padding == "same":
+        stride = 1
+    size = 9
+    cls = nn.Conv1d if dim == 1 else nn.Conv2d
+    make = lambda: cls(2 * groups, 3 * groups, k, stride=stride, padding=padding, dilation=dilation,  # noqa: E731
+                       groups=groups, bias=bias, padding_mode=mode)
+    inputs = lambda: torch.randn((B, 2 * groups) + (size,) * dim, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        _float32_check(make, inputs, mp, ghost=ghost, seed=seed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 6),
+    lead=st.sampled_from([(), (1,), (5,), (2, 3)]),
+    d=st.integers(1, 24),
+    p=st.integers(1, 24),
+    bias=st.booleans(),
+    ghost=st.sampled_from([None, True, False]),
+    seed=st.integers(0, 1000),
+)
+def test_float32_linear_hypothesis(B, lead, d, p, bias, ghost, seed):
+    make = lambda: nn.Linear(d, p, bias=bias)  # noqa: E731
+    inputs = lambda: torch.randn((B, *lead, d), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        _float32_check(make, inputs, mp, ghost=ghost, seed=seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    B=st.integers(1, 6),
+    T=st.integers(1, 9),
+    V=st.integers(2, 30),
+    D=st.integers(1, 12),
+    pad=st.booleans(),
+    freq=st.booleans(),
+    ghost=st.sampled_from([None, True, False]),
+    seed=st.integers(0, 1000),
+)
+def test_float32_embedding_hypothesis(B, T, V, D, pad, freq, ghost, seed):
+    make = lambda: nn.Embedding(V, D, padding_idx=0 if pad else None, scale_grad_by_freq=freq)  # noqa: E731
+    inputs = lambda: torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        _float32_check(make, inputs, mp, ghost=ghost, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "make,shape,want",
+    [
+        (lambda: nn.Linear(4, 4), (3, 8, 4), True),  # 16 <= 8 * 8
+        (lambda: nn.Linear(64, 64), (3, 16, 64), False),  # 4096 > 16 * 128
+        (lambda: nn.Linear(64, 64), (3, 64), False),  # one position: never
+        (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 16, 16), True),
+        (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 4, 4), False),
+        (lambda: nn.LayerNorm(4), (2, 3, 4), True),  # materialised rule
+        (lambda: nn.Embedding(10, 4), None, False),  # no plan
+    ],
+)
+def test_materialise_plan(make, shape, want):
+    layer = make()
+    x = torch.randint(0, 10, (2, 3)) if shape is None else torch.randn(shape)
+    with torch.no_grad():
+        g = layer(x)
+    assert rule_for(layer).materialise(layer, x, g) is want

@@ -74,6 +74,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import mha as _mha
 from . import rules as _rules
 from .rules import LayerRule, rule_for
 
@@ -279,6 +280,7 @@ class _Call:
     # rule units the plan materialises: per-sample grads formed when the output gradient arrived
     psg: dict | None = None
     released: bool = False  # inputs and output gradients dropped once psg was formed
+    pieces: Any = None  # nn.MultiheadAttention: its Linear maps (mha.expand), cached per gradient
 
     @property
     def active(self) -> bool:
@@ -338,6 +340,7 @@ class GradSampler:
         if anchor_first_layers is not None:
             self.anchor_first_layers = bool(anchor_first_layers)
         self.units: list[Unit] = find_units(model, use_rules=use_rules)
+        self._use_rules = use_rules
         covered: dict[int, nn.Parameter] = {}
         for u in self.units:
             for _, p in u.params:
@@ -548,6 +551,7 @@ class GradSampler:
             g = grad.detach()
             self._backward_seen = True
             self._grad_cache.pop(id(call), None)  # a new output gradient: this call's cache is stale
+            call.pieces = None
             if unit.rule is not None and len(call.grads) == 1 and self._eager(unit, call, g):
                 # the plan materialises this call: form its per-sample gradients now (linear in
                 # the output gradient, so a second backward adds to them) and, when allowed,
@@ -668,6 +672,9 @@ class GradSampler:
         if unit.rule is not None:
             a, g = _rule_activation(call), _rule_backprop(unit, call)
             return unit.rule.per_sample_grads(unit.module, a, g)
+        pieces = self._mha_pieces(unit, call)
+        if pieces is not None:
+            return _mha.per_sample_grads(unit.module, pieces, {n for n, _ in unit.params})
         from .vmap import module_vjp_per_sample
 
         _check_fallback_kwargs(unit, call)
@@ -682,6 +689,42 @@ class GradSampler:
             )
         finally:
             self._suspended -= 1
+
+    def _linear_uses_sq(self, used: list) -> torch.Tensor | None:
+        """Squared norm of a parameter used several times, all as the weight (or all as the bias)
+        of Linear calls that kept their captures: ``sum_k g_k^T a_k = G^T A`` with the uses'
+        positions concatenated, so the ghost norm of ``(A, G)`` includes every cross term.
+        None where that does not apply or materialising is cheaper (fastDP's rule on the
+        concatenated length)."""
+        if self.ghost == "never":
+            return None
+        names = {n for _, _, n in used}
+        if len(names) != 1 or not names <= {"weight", "bias"}:
+            return None
+        if any(unit.rule is not _rules.LINEAR_RULE or call.psg is not None for unit, call, _ in used):
+            return None
+        pairs = [_rules._linear_flat(_rule_activation(call), _rule_backprop(unit, call)) for unit, call, _ in used]
+        if len({a.dtype for a, _ in pairs}) != 1:
+            return None
+        if names == {"bias"}:
+            return _sq(sum(g.sum(1) for _, g in pairs))
+        T = sum(a.shape[1] for a, _ in pairs)
+        d, p = pairs[0][0].shape[2], pairs[0][1].shape[2]
+        if self.ghost == "auto" and not _rules.use_ghost(T, d, p):
+            return None
+        a = torch.cat([a for a, _ in pairs], dim=1)
+        g = torch.cat([g for _, g in pairs], dim=1)
+        return _rules._ghost_sq(a, g)
+
+    def _mha_pieces(self, unit: Unit, call: _Call):
+        """``nn.MultiheadAttention`` calls the batched recomputation supports: its Linear maps."""
+        if unit.rule is not None or not self._use_rules or not isinstance(unit.module, nn.MultiheadAttention):
+            return None
+        if call.pieces is None:
+            if not _mha.supported(unit.module, call.inputs, call.kwargs, call.grads):
+                return None
+            call.pieces = _mha.expand(unit.module, call.inputs, call.kwargs, call.grads[0])
+        return call.pieces
 
     # ---------------------------------------------------------------- public API
 
@@ -723,13 +766,24 @@ class GradSampler:
         uses = self._uses(active)
         out: dict[nn.Parameter, torch.Tensor] = {}
         shared: dict[nn.Parameter, torch.Tensor] = {}  # summed per-sample grads, multi-use
+        uses_of: dict[nn.Parameter, list] = {}  # multi-use parameter -> [(unit, call, name)]
         with torch.no_grad():
             for unit, calls in zip(self.units, active):
                 single = [(n, p) for n, p in unit.params if uses[id(p)] == 1]
                 multi = [(n, p) for n, p in unit.params if uses[id(p)] > 1]
                 for call in calls:
                     grads = None
-                    if single and unit.rule is not None and call.psg is None and not unit.rule.materialised and self.ghost != "never":
+                    pieces = self._mha_pieces(unit, call) if single and self.ghost != "never" else None
+                    if pieces is not None:
+                        if self.ghost == "always":
+                            with _ghost_forced_on():
+                                sq = _mha.sq_norms(unit.module, pieces, {n for n, _ in single})
+                        else:
+                            sq = _mha.sq_norms(unit.module, pieces, {n for n, _ in single})
+                        for n, p in single:
+                            if n in sq:
+                                out[p] = sq[n]
+                    elif single and unit.rule is not None and call.psg is None and not unit.rule.materialised and self.ghost != "never":
                         a, g = _rule_activation(call), _rule_backprop(unit, call)
                         if self.ghost == "always":
                             with _ghost_forced_on():
@@ -744,12 +798,17 @@ class GradSampler:
                         for n, p in single:
                             if n in grads:
                                 out[p] = _sq(grads[n])
-                    if multi:
-                        if grads is None:
-                            grads = self._call_grads(unit, call)
-                        for n, p in multi:
-                            if n in grads:
-                                _accumulate(shared, p, grads[n])
+                    for n, p in multi:
+                        uses_of.setdefault(p, []).append((unit, call, n))
+            for p, used in uses_of.items():
+                sq = self._linear_uses_sq(used)  # ghost norm with the cross terms
+                if sq is not None:
+                    out[p] = sq
+                    continue
+                for unit, call, n in used:  # materialise the sum of the uses
+                    grads = self._call_grads(unit, call)
+                    if n in grads:
+                        _accumulate(shared, p, grads[n])
             for p, g in shared.items():
                 out[p] = _sq(g)
             return {
@@ -794,6 +853,8 @@ class GradSampler:
                             for n, p in unit.params
                         }
                         res = unit.rule.clipped_sum(unit.module, a, g, s)
+                    elif self._mha_pieces(unit, call) is not None and self.ghost != "never":
+                        res = _mha.clipped_sums(unit.module, call.pieces, {n: scales[p] for n, p in wanted})
                     else:
                         grads = self._call_grads(unit, call)
                         res = {
@@ -870,7 +931,8 @@ def _rule_backprop(unit: Unit, call: _Call) -> torch.Tensor:
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).pow(2).sum(1) if x.dim() > 1 else x.pow(2)
+    # one pass, no [B, ...] temporary (x.pow(2) would allocate one)
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).square() if x.dim() > 1 else x.square()
 
 
 def _accumulate(out: dict, p: nn.Parameter, value: torch.Tensor) -> None:

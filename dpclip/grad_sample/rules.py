@@ -102,7 +102,8 @@ def _scale(scales: Grads, name: str, like: torch.Tensor) -> torch.Tensor:
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
     """Per-sample squared norm of ``x [B, ...]``."""
-    return x.flatten(1).pow(2).sum(1) if x.dim() > 1 else x.pow(2)
+    # one pass, no [B, ...] temporary (x.pow(2) would allocate one)
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).square() if x.dim() > 1 else x.square()
 
 
 def _weighted_sum(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``||g_i^T a_i||_F^2`` for ``a [B, T, d]``, ``g [B, T, p]`` via Gram matrices: ``[B]``."""
     aa = torch.bmm(a, a.transpose(1, 2))
     gg = torch.bmm(g, g.transpose(1, 2))
-    return (aa * gg).flatten(1).sum(1)
+    return aa.mul_(gg).flatten(1).sum(1)
 
 
 def _materialised_rule(
