@@ -87,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
 
 if __name__ == "__main__":
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=CLIENTS,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},  # one actor: less start-up
                                    "init_args": {"include_dashboard": False, "num_cpus": 2,
                                                  "_temp_dir": sys.argv[2] if len(sys.argv) > 2 else None}})
     if "dp" not in RESULT:
