@@ -47,8 +47,8 @@ test: $(VENV)/.stamp-dev
 # tanh CNN with DP-SGD to epsilon = 3 (delta = 1e-5, PRV accountant), then print the test
 # accuracy and epsilon. Metrics, a plot and a checkpoint go to out/demo/. DEMO_ARGS
 # overrides the settings (see `dpclip train --help`).
-DEMO_ARGS ?= --dataset mnist --model cnn --target-epsilon 3 --delta 1e-5 --epochs 15 \
-             --batch-size 512 --lr 2 --momentum 0.9 --max-grad-norm 0.1 --seed 0
+DEMO_ARGS ?= --dataset mnist --model cnn --target-epsilon 3 --delta 1e-5 --epochs 20 \
+             --batch-size 512 --lr 1 --momentum 0.9 --max-grad-norm 0.1 --pixels unit --seed 0
 demo: $(VENV)/.stamp-base
 	@mkdir -p out
 	$(VENV)/bin/dpclip train $(DEMO_ARGS) --out out/demo

@@ -480,6 +480,8 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--batch-size", type=_positive_int, default=512, metavar="B",
                        help="expected Poisson batch size; sample rate = B / dataset size (default: 512)")
     train.add_argument("--lr", type=_positive, default=0.5, metavar="LR", help="learning rate (default: 0.5)")
+    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="cosine: from --lr down to 0 over the run (default: constant)")
     train.add_argument("--momentum", type=_momentum, default=0.9, metavar="M",
                        help="SGD momentum, or Adam's beta1 (default: 0.9)")
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
@@ -492,6 +494,9 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--batch-clip-size", type=_positive_int, metavar="N",
                        help="batch clipping only: expected micro-batch size (default: the whole batch)")
     train.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
+    train.add_argument("--pixels", choices=("unit", "standard"),
+                       help="image scaling: unit = x/255 in [0, 1], standard = per-channel (x/255 - mean)/std "
+                            "(default: unit for mnist/fashion-mnist, standard for cifar10, as Tramer & Boneh)")
     train.add_argument("--seed", type=_steps, default=0, metavar="N", help="default: 0")
     train.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (quick tests)")
     train.add_argument("--train-subset", type=_positive_int, metavar="N",
@@ -513,7 +518,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, model=args.model, target_epsilon=args.target_epsilon,
         noise_multiplier=args.noise_multiplier, delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, momentum=args.momentum, optimizer=args.optimizer, clipping=args.clipping,
+        lr=args.lr, lr_schedule=args.lr_schedule, pixels=args.pixels, momentum=args.momentum,
+        optimizer=args.optimizer, clipping=args.clipping,
         max_grad_norm=args.max_grad_norm, clip_controller=args.clip_controller,
         batch_clip_size=args.batch_clip_size, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
         train_subset=args.train_subset, threads=args.threads, out=args.out, progress=args.progress,

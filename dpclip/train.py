@@ -57,6 +57,7 @@ OPTIMIZERS = ("sgd", "adam")
 CLIPPINGS = ("flat", "per_layer", "automatic", "batch", "adaptive_layerwise")
 ACCOUNTANTS = ("prv", "rdp")
 CONTROLLERS = ("none", "quantile")
+LR_SCHEDULES = ("constant", "cosine")
 METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "seconds")
 
 
@@ -71,7 +72,10 @@ class TrainConfig:
     moves it towards the median per-sample norm from privatised counts (Andrew et al. 2021;
     ``adaptive_layerwise`` uses it by default). ``batch_clip_size``: ``batch`` clipping only,
     the expected micro-batch size (default: the whole batch is one unit).
-    ``max_steps`` stops the run early (ε is what the steps run spent); ``train_subset`` trains
+    ``lr_schedule``: ``"constant"``, or ``"cosine"`` (from ``lr`` down to 0 over the planned
+    steps, one update per step). ``pixels``: how images are scaled (:func:`dpclip.data.to_tensors`);
+    by default ``"unit"`` ([0, 1]) for MNIST and Fashion-MNIST and ``"standard"`` for CIFAR-10,
+    as Tramèr & Boneh do. ``max_steps`` stops the run early (ε is what the steps run spent); ``train_subset`` trains
     on a random subset of that many training examples; ``threads`` defaults to the CPUs this
     process may use.
     """
@@ -85,6 +89,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 512
     lr: float = 0.5
+    lr_schedule: str = "constant"
     momentum: float = 0.9
     optimizer: str = "sgd"
     clipping: str = "flat"
@@ -100,7 +105,7 @@ class TrainConfig:
     out: str | None = None
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     eval_batch_size: int = 1024
-    pixels: str = "standard"
+    pixels: str | None = None  # None: "unit" for MNIST/Fashion-MNIST, "standard" for CIFAR-10 (as the paper)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -128,6 +133,10 @@ def check_config(cfg: TrainConfig) -> None:
             problems.append(f"{name} must be a whole number >= 1 (or unset); got {value!r}")
     if not 0 < cfg.lr < math.inf:
         problems.append(f"lr must be a finite number > 0 (e.g. 0.5); got {cfg.lr}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"lr_schedule {cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if cfg.pixels not in (None, "unit", "standard"):
+        problems.append(f"pixels {cfg.pixels!r} is not one of unit, standard")
     if not 0 <= cfg.momentum < 1:
         problems.append(f"momentum must be in [0, 1) (e.g. 0.9); got {cfg.momentum}")
     if cfg.optimizer not in OPTIMIZERS:
@@ -174,6 +183,19 @@ def make_optimizer(name: str, params: Any, lr: float, momentum: float) -> torch.
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999))
     raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: 1 (``"constant"``) or ``(1 + cos(pi t / total_steps)) / 2`` (``"cosine"``).
+
+    Post-processing of the private gradients: a schedule costs no privacy.
+    """
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    raise ValueError(f"lr_schedule {kind!r} is not one of {', '.join(LR_SCHEDULES)}")
 
 
 @torch.no_grad()
@@ -319,7 +341,8 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
     torch.set_num_threads(threads)
     gens = _generators(cfg.seed)
 
-    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, pixels=cfg.pixels)
+    pixels = cfg.pixels or ("standard" if cfg.dataset == "cifar10" else "unit")
+    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, pixels=pixels)
     train_set = random_subset(train_set, cfg.train_subset, gens["subset"])
     if cfg.delta >= 1 / len(train_set):
         raise ValueError(f"delta={cfg.delta:g} is not below 1 / training-set size (1/{len(train_set)}); "
@@ -350,6 +373,7 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
           f"({count_parameters(model)} parameters), expected batch {cfg.batch_size}, {steps_per_epoch} steps/epoch, "
           f"{threads} threads", file=log, flush=True)
 
+    schedule = lr_schedule(optimizer, cfg.lr_schedule, total_steps)
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -371,6 +395,7 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
                 running.add(logits.detach(), y, loss.detach())
             optimizer.step()  # an empty Poisson batch still adds noise and an accounting step
             optimizer.zero_grad(set_to_none=True)
+            schedule.step()
             run.steps += 1
             if run.steps == 1:
                 noise_multiplier, sample_rate, _ = engine.accountant.history[-1]
@@ -423,6 +448,8 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
         "test_size": len(test_set),
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "lr_schedule": cfg.lr_schedule,
+        "pixels": pixels,
         "momentum": cfg.momentum,
         "optimizer": cfg.optimizer,
         "clipping": cfg.clipping,

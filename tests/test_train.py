@@ -167,6 +167,23 @@ def test_helpers():
         random_subset(data, 11, g)
 
 
+def test_cosine_schedule_goes_from_lr_to_zero():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    schedule = train_module.lr_schedule(opt, "cosine", total_steps=4)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert seen == pytest.approx([2.0, 2.0 * (1 + math.cos(math.pi / 4)) / 2, 1.0,
+                                  2.0 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0], abs=1e-12)
+    constant = train_module.lr_schedule(torch.optim.SGD([param], lr=0.3), "constant", 4)
+    assert constant.get_last_lr() == [0.3]
+    with pytest.raises(ValueError, match="'linear' is not one of constant, cosine"):
+        train_module.lr_schedule(opt, "linear", 4)
+
+
 def test_check_config_lists_every_problem():
     with pytest.raises(ValueError) as info:
         check_config(TrainConfig(dataset="svhn", target_epsilon=3, noise_multiplier=1, lr=-1, momentum=1.0,
@@ -229,4 +246,10 @@ def test_human_output(capsys, mnist_dir):
                  (" ".join(line.split()[:2]), " ".join(line.split()[2:])) for line in out.splitlines())
     assert lines["test accuracy"].endswith("%") and "delta 1e-05, prv" in lines["epsilon"]
     assert lines["noise multiplier"] == "1" and lines["steps"].startswith("2 (0.5 epochs)")
+    code, out, err = run_cli(capsys, "train", "--data-dir", str(folder), "--noise-multiplier", "1.0", "--train-subset",
+                             "400", "--batch-size", "100", "--max-steps", "1", "--pixels", "standard", "--lr-schedule",
+                             "cosine", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["pixels"] == "standard" and result["lr_schedule"] == "cosine" and result["steps"] == 1
     assert np.isfinite(float(lines["epsilon"].split()[0]))
