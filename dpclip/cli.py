@@ -126,7 +126,7 @@ def _points(text: str) -> int:
 def _build_parser() -> _Parser:
     parser = _Parser(prog="dpclip", description="dpclip: differentially private training for PyTorch.")
     parser.add_argument("--version", action="version", version=f"dpclip {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{budget,train}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{budget,train,federated}", required=True)
     budget = commands.add_parser("budget", help="privacy budget: epsilon, noise multiplier, epsilon curve",
                                  description="Privacy budget calculations for DP-SGD with Poisson sampling.")
     actions = budget.add_subparsers(dest="action", metavar="{epsilon,noise,plot}", required=True)
@@ -160,6 +160,9 @@ def _build_parser() -> _Parser:
     plot.add_argument("--points", type=_points, default=25, metavar="K", help="points per line (default 25)")
     plot.set_defaults(handler=_cmd_plot)
     _add_train_parser(commands)
+    from dpclip.federated.cli import add_parser as _add_federated_parser  # torch-free, like the others
+
+    _add_federated_parser(commands)
     return parser
 
 
