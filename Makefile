@@ -30,10 +30,11 @@ $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	$(PY) -m pip install -e .
 	@touch $@
 
-# the dev install (tests, benchmarks): pytest, hypothesis and the reference libraries
+# the dev install (tests, benchmarks): pytest, hypothesis, the reference libraries and Flower
+# (flwr[simulation], so the Flower strategy test runs a real simulation in CI)
 $(VENV)/.stamp-dev: pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,flower]"
 	@touch $(VENV)/.stamp-base $@
 
 venv: $(PY)
