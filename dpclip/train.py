@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -293,11 +293,19 @@ def privacy_state(engine: Any, generator: torch.Generator) -> dict[str, Any]:
 
 # -- the run ----------------------------------------------------------------------------------
 @dataclass
-class _Run:
-    cfg: TrainConfig
-    log: TextIO
-    rows: list[dict[str, float]] = field(default_factory=list)
-    steps: int = 0
+class _Setup:
+    """Everything a run trains with, after ``make_private``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    engine: Any
+    test_set: TensorDataset
+    train_size: int
+    pixels: str
+    generator: torch.Generator
+    total_steps: int
+    schedule: torch.optim.lr_scheduler.LambdaLR
 
 
 def _threads(requested: int | None) -> int:
@@ -320,26 +328,9 @@ def _epsilon(engine: Any, delta: float) -> float:
     return float(engine.get_epsilon(delta)) if engine.accountant.history else 0.0
 
 
-def train(cfg: TrainConfig, *, log: TextIO | None = None,
-          on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD; returns the result (see the keys below).
-
-    Result keys: ``test_accuracy``, ``test_loss``, ``epsilon`` (spent, at ``delta``),
-    ``delta``, ``epochs`` (completed, fractional if ``max_steps`` cut the last one short),
-    ``steps``, ``seconds`` (wall time: data, training and evaluation), ``noise_multiplier``,
-    ``sample_rate``, ``accountant``, ``history`` (the accountant's ``(noise_multiplier,
-    sample_rate, steps)`` segments), ``train_size``, ``test_size``, ``parameters``, the
-    settings, ``metrics`` (one row per epoch) and ``files`` (paths written under ``out``).
-    Progress and one line per epoch go to ``log`` (default ``sys.stderr``).
-    """
+def _prepare(cfg: TrainConfig, gens: dict[str, torch.Generator]) -> _Setup:
+    """Data, model, optimizer and the private engine for ``cfg``."""
     from . import PrivacyEngine
-
-    check_config(cfg)
-    log = sys.stderr if log is None else log
-    start = time.perf_counter()
-    threads = _threads(cfg.threads)
-    torch.set_num_threads(threads)
-    gens = _generators(cfg.seed)
 
     pixels = cfg.pixels or ("standard" if cfg.dataset == "cifar10" else "unit")
     train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, pixels=pixels)
@@ -347,7 +338,7 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
     if cfg.delta >= 1 / len(train_set):
         raise ValueError(f"delta={cfg.delta:g} is not below 1 / training-set size (1/{len(train_set)}); "
                          "use a smaller delta (e.g. 1e-5)")
-    channels, height, width = train_set.tensors[0].shape[1:]
+    channels, height = train_set.tensors[0].shape[1:3]
     model = build_model(cfg.model, channels, 10, image_size=height, generator=gens["model"])
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum)
     loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)))
@@ -366,110 +357,127 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
             target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=cfg.epochs, **common)
     else:
         model, optimizer, loader = engine.make_private(noise_multiplier=cfg.noise_multiplier, **common)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
-                                                                                 cfg.epochs * steps_per_epoch)
-    print(f"dpclip train: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), model {cfg.model} "
-          f"({count_parameters(model)} parameters), expected batch {cfg.batch_size}, {steps_per_epoch} steps/epoch, "
-          f"{threads} threads", file=log, flush=True)
+    planned = cfg.epochs * len(loader)
+    total = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
+    return _Setup(model, optimizer, loader, engine, test_set, len(train_set), pixels, gens["private"], total,
+                  lr_schedule(optimizer, cfg.lr_schedule, total))
 
-    schedule = lr_schedule(optimizer, cfg.lr_schedule, total_steps)
+
+def _train_epoch(s: _Setup, cfg: TrainConfig, epoch: int, steps: int, log: TextIO,
+                 show_bar: bool) -> tuple[_Running, int]:
+    """One pass over the Poisson loader (or up to ``s.total_steps``); returns running stats and steps done."""
+    running = _Running()
+    per_epoch = len(s.loader)
+    bar = _progress_bar(min(per_epoch, s.total_steps - steps), f"epoch {epoch}/{cfg.epochs}", show_bar, log)
+    eps_every = max(1, per_epoch // 10)  # epsilon for the bar about ten times an epoch (it costs milliseconds)
+    epsilon = _epsilon(s.engine, cfg.delta)
+    for x, y in s.loader:
+        if len(y) > 0:
+            logits = s.model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            running.add(logits.detach(), y, loss.detach())
+        s.optimizer.step()  # an empty Poisson batch still adds noise and an accounting step
+        s.optimizer.zero_grad(set_to_none=True)
+        s.schedule.step()
+        steps += 1
+        if steps == 1:
+            sigma, q, _ = s.engine.accountant.history[-1]
+            calibrated = f" (calibrated for \u03b5 = {cfg.target_epsilon:g} after {cfg.epochs} epochs)" \
+                if cfg.target_epsilon is not None else ""
+            print(f"noise multiplier {sigma:.4g}, sample rate {q:.4g}{calibrated}", file=log, flush=True)
+        if bar is not None:
+            if steps % eps_every == 0:
+                epsilon = _epsilon(s.engine, cfg.delta)
+            bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{100 * running.accuracy:.1f}%", eps=f"{epsilon:.3g}",
+                            refresh=False)
+            bar.update(1)
+        if steps >= s.total_steps:
+            break
+    if bar is not None:
+        bar.close()
+    return running, steps
+
+
+def _result(cfg: TrainConfig, s: _Setup, rows: list[dict[str, float]], steps: int, threads: int) -> dict[str, Any]:
+    last = rows[-1]
+    noise_multiplier, sample_rate, _ = s.engine.accountant.history[-1]  # what the engine ran with
+    return {
+        "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"], "epsilon": last["epsilon"],
+        "delta": cfg.delta, "epochs": last["epoch"], "steps": steps, "seconds": None,
+        "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "accountant": cfg.accountant,
+        "history": [list(h) for h in s.engine.accountant.history], "target_epsilon": cfg.target_epsilon,
+        "dataset": cfg.dataset, "model": cfg.model, "parameters": count_parameters(s.model),
+        "train_size": s.train_size, "test_size": len(s.test_set), "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "lr_schedule": cfg.lr_schedule, "pixels": s.pixels, "momentum": cfg.momentum, "optimizer": cfg.optimizer,
+        "clipping": cfg.clipping, "max_grad_norm": cfg.max_grad_norm, "clip_controller": cfg.clip_controller,
+        "seed": cfg.seed, "threads": threads, "metrics": rows, "files": {},
+    }
+
+
+def _write_outputs(out: Path, cfg: TrainConfig, s: _Setup, result: dict[str, Any]) -> dict[str, str]:
+    """curves.png and checkpoint.pt (metrics.csv is written after every epoch); returns the paths."""
+    files = {"metrics": out / "metrics.csv", "plot": out / "curves.png", "checkpoint": out / "checkpoint.pt",
+             "result": out / "result.json"}
+    plot_curves(files["plot"], result["metrics"], f"dpclip: {cfg.dataset}, {cfg.model}, "
+                f"\u03c3 = {result['noise_multiplier']:.3g}, q = {result['sample_rate']:.3g}", cfg.delta)
+    torch.save({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                "privacy": privacy_state(s.engine, s.generator), "config": asdict(cfg), "metrics": result["metrics"],
+                "noise_multiplier": result["noise_multiplier"], "sample_rate": result["sample_rate"],
+                "steps": result["steps"]}, files["checkpoint"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def train(cfg: TrainConfig, *, log: TextIO | None = None,
+          on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD; returns the result (see the keys below).
+
+    Result keys: ``test_accuracy``, ``test_loss``, ``epsilon`` (spent, at ``delta``),
+    ``delta``, ``epochs`` (completed, fractional if ``max_steps`` cut the last one short),
+    ``steps``, ``seconds`` (wall time: data, training and evaluation), ``noise_multiplier``,
+    ``sample_rate``, ``accountant``, ``history`` (the accountant's ``(noise_multiplier,
+    sample_rate, steps)`` segments), ``train_size``, ``test_size``, ``parameters``, the
+    settings, ``metrics`` (one row per epoch) and ``files`` (paths written under ``out``).
+    Progress and one line per epoch go to ``log`` (default ``sys.stderr``); ``on_epoch`` is
+    called with each epoch's metrics row.
+    """
+    check_config(cfg)
+    log = sys.stderr if log is None else log
+    start = time.perf_counter()
+    threads = _threads(cfg.threads)
+    torch.set_num_threads(threads)
+    s = _prepare(cfg, _generators(cfg.seed))
+    print(f"dpclip train: {cfg.dataset} ({s.train_size} train / {len(s.test_set)} test), model {cfg.model} "
+          f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, {len(s.loader)} steps/epoch, "
+          f"{threads} threads", file=log, flush=True)
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     show_bar = cfg.progress if cfg.progress is not None else bool(getattr(log, "isatty", lambda: False)())
-    run = _Run(cfg, log)
-    eps_every = max(1, steps_per_epoch // 10)
-    model.train()
-    epoch = 0
-    while run.steps < total_steps:
+    rows: list[dict[str, float]] = []
+    steps, epoch = 0, 0
+    s.model.train()
+    while steps < s.total_steps:
         epoch += 1
-        epoch_start, first_step, running = time.perf_counter(), run.steps, _Running()
-        bar = _progress_bar(min(steps_per_epoch, total_steps - run.steps), f"epoch {epoch}/{cfg.epochs}", show_bar, log)
-        epsilon = _epsilon(engine, cfg.delta)
-        for x, y in loader:
-            if len(y) > 0:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-                running.add(logits.detach(), y, loss.detach())
-            optimizer.step()  # an empty Poisson batch still adds noise and an accounting step
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            run.steps += 1
-            if run.steps == 1:
-                noise_multiplier, sample_rate, _ = engine.accountant.history[-1]
-                print(f"noise multiplier {noise_multiplier:.4g}, sample rate {sample_rate:.4g}"
-                      + (f" (calibrated for \u03b5 = {cfg.target_epsilon:g} after {cfg.epochs} epochs)"
-                         if cfg.target_epsilon is not None else ""), file=log, flush=True)
-            if bar is not None:
-                if run.steps % eps_every == 0:
-                    epsilon = _epsilon(engine, cfg.delta)
-                bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{100 * running.accuracy:.1f}%",
-                                eps=f"{epsilon:.3g}", refresh=False)
-                bar.update(1)
-            if run.steps >= total_steps:
-                break
-        if bar is not None:
-            bar.close()
-        test_loss, test_accuracy = evaluate(model, test_set, cfg.eval_batch_size)
-        row = {"epoch": _epochs_done(epoch, run.steps - first_step, steps_per_epoch),
-               "steps": run.steps, "train_loss": running.loss, "train_accuracy": running.accuracy,
-               "test_loss": test_loss, "test_accuracy": test_accuracy, "epsilon": _epsilon(engine, cfg.delta),
+        epoch_start, first_step = time.perf_counter(), steps
+        running, steps = _train_epoch(s, cfg, epoch, steps, log, show_bar)
+        test_loss, test_accuracy = evaluate(s.model, s.test_set, cfg.eval_batch_size)
+        row = {"epoch": _epochs_done(epoch, steps - first_step, len(s.loader)), "steps": steps,
+               "train_loss": running.loss, "train_accuracy": running.accuracy, "test_loss": test_loss,
+               "test_accuracy": test_accuracy, "epsilon": _epsilon(s.engine, cfg.delta),
                "seconds": time.perf_counter() - epoch_start}
-        run.rows.append(row)
+        rows.append(row)
         print(f"epoch {row['epoch']:g}/{cfg.epochs}  train loss {row['train_loss']:.4f}  train acc "
               f"{100 * row['train_accuracy']:.2f}%  test acc {100 * test_accuracy:.2f}%  "
               f"\u03b5 {row['epsilon']:.3f}  {row['seconds']:.1f}s", file=log, flush=True)
         if out is not None:
-            write_metrics(out / "metrics.csv", run.rows)
+            write_metrics(out / "metrics.csv", rows)
         if on_epoch is not None:
             on_epoch(row)
-
-    last = run.rows[-1]
-    noise_multiplier, sample_rate, _ = engine.accountant.history[-1]  # what the engine ran with
-    result: dict[str, Any] = {
-        "test_accuracy": last["test_accuracy"],
-        "test_loss": last["test_loss"],
-        "epsilon": last["epsilon"],
-        "delta": cfg.delta,
-        "epochs": last["epoch"],
-        "steps": run.steps,
-        "seconds": time.perf_counter() - start,
-        "noise_multiplier": noise_multiplier,
-        "sample_rate": sample_rate,
-        "accountant": cfg.accountant,
-        "history": [list(h) for h in engine.accountant.history],
-        "target_epsilon": cfg.target_epsilon,
-        "dataset": cfg.dataset,
-        "model": cfg.model,
-        "parameters": count_parameters(model),
-        "train_size": len(train_set),
-        "test_size": len(test_set),
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "lr_schedule": cfg.lr_schedule,
-        "pixels": pixels,
-        "momentum": cfg.momentum,
-        "optimizer": cfg.optimizer,
-        "clipping": cfg.clipping,
-        "max_grad_norm": cfg.max_grad_norm,
-        "clip_controller": cfg.clip_controller,
-        "seed": cfg.seed,
-        "threads": threads,
-        "metrics": run.rows,
-        "files": {},
-    }
+    result = _result(cfg, s, rows, steps, threads)
     if out is not None:
-        files = {"metrics": out / "metrics.csv", "plot": out / "curves.png", "checkpoint": out / "checkpoint.pt",
-                 "result": out / "result.json"}
-        plot_curves(files["plot"], run.rows, f"dpclip: {cfg.dataset}, {cfg.model}, \u03c3 = {noise_multiplier:.3g}, "
-                    f"q = {sample_rate:.3g}", cfg.delta)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "privacy": privacy_state(engine, gens["private"]),
-                    "config": asdict(cfg), "metrics": run.rows, "noise_multiplier": noise_multiplier,
-                    "sample_rate": sample_rate, "steps": run.steps}, files["checkpoint"])
-        result["files"] = {k: str(v) for k, v in files.items()}
-        result["seconds"] = time.perf_counter() - start
-        files["result"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        result["files"] = _write_outputs(out, cfg, s, result)
+    result["seconds"] = time.perf_counter() - start
+    if out is not None:
+        Path(result["files"]["result"]).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
