@@ -128,10 +128,12 @@ class PrivacyEngine:
 
     Args:
         accountant: ``"prv"`` (tight, the default) or ``"rdp"``; see :mod:`accountants`.
-        secure_mode: draw the noise with :class:`dpclip.noise.SecureGaussianNoise` from a
-            generator seeded by the operating system's cryptographic source, for both the
-            noise and the Poisson sampling (docs/secure_mode.md). A ``generator`` cannot be
-            passed then, and ``state_dict()`` leaves the generators out.
+        secure_mode: draw the noise with :class:`dpclip.noise.SecureGaussianNoise`: an exact
+            discrete Gaussian on a fine grid, with random bits from ``os.urandom``, so the
+            released floats' low bits carry nothing about the clipped sum (Mironov 2012;
+            Canonne, Kamath, Steinke 2020; docs/secure_mode.md). Poisson sampling then draws
+            from a torch generator seeded from ``secrets`` (not a cryptographic PRNG; see the
+            doc). A ``generator`` cannot be passed, and ``state_dict()`` leaves the generators out.
     """
 
     def __init__(self, accountant: str = "prv", secure_mode: bool = False) -> None:

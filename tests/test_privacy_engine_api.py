@@ -296,3 +296,34 @@ def test_bad_bounds_are_listed_with_the_other_problems():
     text = str(info.value)
     assert "one max_grad_norm per trainable parameter tensor" in text and "(4 here)" in text
     assert "WeightedRandomSampler" in text and "loss_reduction" in text
+
+
+def test_secure_mode_trains_and_keeps_its_randomness_out_of_checkpoints():
+    from dpclip.noise import SecureGaussianNoise
+
+    model, data = _tiny()
+    with pytest.raises(ValueError, match="secure_mode=True draws its own"):
+        PrivacyEngine(secure_mode=True).make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=10), noise_multiplier=1.0, max_grad_norm=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+    engine = PrivacyEngine(secure_mode=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=10), noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    for x, y in loader:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        released = torch.cat([p.grad.flatten() for p in model.parameters()]).double() * 10  # undo / batch size
+        opt.zero_grad()
+    assert engine.steps == 4 and math.isfinite(engine.get_epsilon(1e-5))
+    state = engine.state_dict()
+    assert state["generator"] is None and state["sample_generator"] is None
+    # the update lies on the secure grid: (grid * integer) / expected batch size, per coordinate
+    plan = SecureGaussianNoise(1.0).plan(1.0, sum(p.numel() for p in model.parameters()))
+    ratio = released / plan.grid
+    assert torch.allclose(ratio, ratio.round(), rtol=1e-6, atol=1e-9)
+    assert float(ratio.abs().max()) > 100  # a fine grid: the check above is not trivially met
