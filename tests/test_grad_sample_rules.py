@@ -626,3 +626,20 @@ def test_materialise_plan(make, shape, want):
     with torch.no_grad():
         g = layer(x)
     assert rule_for(layer).materialise(layer, x, g) is want
+
+
+@pytest.mark.parametrize("unfold_max", [0, 10**6])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=1), (5, 4, 11)),
+        (lambda: nn.Conv2d(4, 6, (2, 3), stride=(1, 2), dilation=(2, 1), groups=2, padding=1, padding_mode="reflect"), (5, 4, 7, 8)),
+        (lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="circular"), (3, 3, 6, 6)),
+    ],
+)
+def test_conv_per_sample_paths(make, shape, unfold_max, monkeypatch):
+    """Both per-sample weight-gradient paths (unfold + bmm, grouped weight-gradient kernel in
+    chunks of samples) against the oracle; chunks smaller than the batch."""
+    monkeypatch.setattr(rules_mod, "_UNFOLD_MAX_D", unfold_max)
+    monkeypatch.setattr(rules_mod, "_PSG_CHUNK", 2)
+    check_layer(randomise(make()), randn(*shape), monkeypatch)
