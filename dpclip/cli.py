@@ -505,7 +505,8 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--train-subset", type=_positive_int, metavar="N",
                        help="train on N random training examples (quick tests)")
     train.add_argument("--threads", type=_positive_int, metavar="N",
-                       help="torch threads (default: the CPUs this process may use)")
+                       help="torch threads (default: the CPUs this process may use less the 1-minute load "
+                            "average, at least 1)")
     train.add_argument("--out", metavar="DIR", help="write metrics.csv, curves.png, checkpoint.pt, result.json")
     bar = train.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .data import DATASETS, load_dataset
 from .models import MODELS, build_model, count_parameters
 
-__all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer",
+__all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer", "default_threads",
            "METRIC_FIELDS"]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -75,9 +75,10 @@ class TrainConfig:
     ``lr_schedule``: ``"constant"``, or ``"cosine"`` (from ``lr`` down to 0 over the planned
     steps, one update per step). ``pixels``: how images are scaled (:func:`dpclip.data.to_tensors`);
     by default ``"unit"`` ([0, 1]) for MNIST and Fashion-MNIST and ``"standard"`` for CIFAR-10,
-    as Tramèr & Boneh do. ``max_steps`` stops the run early (ε is what the steps run spent); ``train_subset`` trains
-    on a random subset of that many training examples; ``threads`` defaults to the CPUs this
-    process may use.
+    as Tramèr & Boneh do. ``max_steps`` stops the run early (ε is what the steps run spent);
+    ``train_subset`` trains on a random subset of that many training examples; ``threads``
+    defaults to the CPUs this process may use less the machine's current load
+    (:func:`default_threads`); the previous torch thread count is restored afterwards.
     """
 
     dataset: str = "mnist"
@@ -266,10 +267,12 @@ def plot_curves(path: Path, rows: list[dict[str, float]], title: str, delta: flo
     """A PNG of test accuracy (left axis, %) and ε (right axis) against epochs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [r["epoch"] for r in rows]
     ax.plot(epochs, [100 * r["test_accuracy"] for r in rows], marker="o", color="C0", label="test accuracy")
     ax.set_xlabel("epoch")
@@ -308,13 +311,26 @@ class _Setup:
     schedule: torch.optim.lr_scheduler.LambdaLR
 
 
-def _threads(requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+def default_threads(cpus: int | None = None, load: float | None = None) -> int:
+    """Torch threads for a run: the CPUs this process may use, less those other work keeps busy.
+
+    ``cpus`` defaults to the CPU affinity count, ``load`` to the 1-minute load average. On a
+    shared machine, torch's thread pool slows down by an order of magnitude when it has to
+    wait for cores other processes hold (measured here: a DP step of the MNIST CNN took 137 ms
+    with 1 thread and 0.9-2.3 s with 2 threads at a load average of 5 on 2 cores), so a busy
+    machine gets fewer threads; an idle one gets all of them.
+    """
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
+            load = 0.0
+    return max(1, min(cpus, cpus - int(load + 0.5)))
 
 
 def _epochs_done(epoch: int, steps_this_epoch: int, steps_per_epoch: int) -> float | int:
@@ -387,11 +403,12 @@ def _train_epoch(s: _Setup, cfg: TrainConfig, epoch: int, steps: int, log: TextI
                 if cfg.target_epsilon is not None else ""
             print(f"noise multiplier {sigma:.4g}, sample rate {q:.4g}{calibrated}", file=log, flush=True)
         if bar is not None:
-            if steps % eps_every == 0:
+            fresh = steps % eps_every == 0  # about ten times an epoch: new epsilon, and redraw
+            if fresh:
                 epsilon = _epsilon(s.engine, cfg.delta)
-            bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{100 * running.accuracy:.1f}%", eps=f"{epsilon:.3g}",
-                            refresh=False)
             bar.update(1)
+            bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{100 * running.accuracy:.1f}%", eps=f"{epsilon:.3g}",
+                            refresh=fresh)
         if steps >= s.total_steps:
             break
     if bar is not None:
@@ -442,10 +459,18 @@ def train(cfg: TrainConfig, *, log: TextIO | None = None,
     called with each epoch's metrics row.
     """
     check_config(cfg)
-    log = sys.stderr if log is None else log
-    start = time.perf_counter()
-    threads = _threads(cfg.threads)
+    previous_threads = torch.get_num_threads()
+    threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(cfg, threads, sys.stderr if log is None else log, on_epoch)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: TrainConfig, threads: int, log: TextIO,
+         on_epoch: Callable[[dict[str, float]], None] | None) -> dict[str, Any]:
+    start = time.perf_counter()
     s = _prepare(cfg, _generators(cfg.seed))
     print(f"dpclip train: {cfg.dataset} ({s.train_size} train / {len(s.test_set)} test), model {cfg.model} "
           f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, {len(s.loader)} steps/epoch, "

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +25,15 @@ from dpclip.train import TrainConfig, check_config, evaluate, random_subset, tra
 from tests.data_files import real_mnist, synthetic_arrays, write_idx_folder
 
 N_TRAIN, N_TEST = 1000, 500
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared CPU: one torch thread is faster and steadier than a contended pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +192,23 @@ def test_cosine_schedule_goes_from_lr_to_zero():
     assert constant.get_last_lr() == [0.3]
     with pytest.raises(ValueError, match="'linear' is not one of constant, cosine"):
         train_module.lr_schedule(opt, "linear", 4)
+
+
+def test_default_threads_leave_busy_cores_alone():
+    assert train_module.default_threads(cpus=2, load=0.1) == 2
+    assert train_module.default_threads(cpus=2, load=0.6) == 1
+    assert train_module.default_threads(cpus=2, load=7.0) == 1
+    assert train_module.default_threads(cpus=16, load=3.2) == 13
+    assert 1 <= train_module.default_threads() <= os.cpu_count()
+
+
+def test_train_restores_the_thread_count(mnist_dir):
+    folder, _ = mnist_dir
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    result = train(TrainConfig(data_dir=str(folder), noise_multiplier=1.0, train_subset=100, batch_size=50,
+                               max_steps=1, threads=other, progress=False), log=io.StringIO())
+    assert result["threads"] == other and torch.get_num_threads() == before
 
 
 def test_check_config_lists_every_problem():
