@@ -474,7 +474,7 @@ def _run(cfg: TrainConfig, threads: int, log: TextIO,
     s = _prepare(cfg, _generators(cfg.seed))
     print(f"dpclip train: {cfg.dataset} ({s.train_size} train / {len(s.test_set)} test), model {cfg.model} "
           f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, {len(s.loader)} steps/epoch, "
-          f"{threads} threads", file=log, flush=True)
+          f"{threads} thread{'s' if threads != 1 else ''}", file=log, flush=True)
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
