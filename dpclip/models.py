@@ -87,7 +87,9 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     if kind == "group":
         return nn.GroupNorm(min(groups, channels), channels)
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        # no running statistics: they would be computed from private batches and released with
+        # the model without noise; every batch (also at evaluation) is normalised by its own
+        return nn.BatchNorm2d(channels, track_running_stats=False)
     raise ValueError(f"norm must be 'group' (GroupNorm, works with per-sample clipping) or 'batch' (BatchNorm); "
                      f"got {kind!r}")
 
@@ -126,7 +128,10 @@ class ResNet18(nn.Module):
     Args:
         norm: ``"group"`` — GroupNorm with ``min(groups, channels)`` groups, which per-sample
             (DP-SGD) clipping supports, as in De et al. 2022; or ``"batch"`` — BatchNorm, which
-            mixes the samples of a batch, so dpclip's per-sample modes refuse it.
+            mixes the samples of a batch, so dpclip's per-sample modes refuse it (use batch
+            clipping). It keeps no running statistics (``track_running_stats=False``): those
+            would be computed from private data and released without noise, so every batch,
+            also at evaluation, is normalised by its own statistics.
         width: channels of the first stage. The default 32 is half the usual ResNet-18
             (2.8M parameters instead of 11.2M), which is what a CPU can train; ``width=64``
             is the standard size.

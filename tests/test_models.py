@@ -41,6 +41,8 @@ def test_resnet18_layout_and_norm_choice(norm, kind):
     assert len([c for c in convs if c.kernel_size == (3, 3)]) == 17  # stem + 8 blocks x 2: ResNet-18
     norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
     assert norms and all(isinstance(m, kind) for m in norms)
+    # BatchNorm keeps no running statistics (they would leak private data un-noised)
+    assert all(not m.track_running_stats for m in norms if isinstance(m, nn.BatchNorm2d))
     with torch.device("meta"):  # sizes only: no memory, no initialisation
         assert count_parameters(ResNet18(width=64)) == 11173962  # the standard CIFAR ResNet-18 size
 
@@ -97,6 +99,24 @@ def test_models_train_privately(name, shape):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert engine.accountant.history[-1][2] == 1
+
+
+def test_batchnorm_resnet_trains_with_batch_clipping():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpclip import PrivacyEngine
+
+    g = torch.Generator().manual_seed(1)
+    model = init_parameters(ResNet18(1, norm="batch", width=4, groups=2), g)
+    data = TensorDataset(torch.randn(16, 1, 28, 28, generator=g), torch.arange(16) % 10)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0,
+                                            max_grad_norm=1.0, clipping="batch", generator=g)
+    x, y = next(iter(loader))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
     assert engine.accountant.history[-1][2] == 1
 
 
