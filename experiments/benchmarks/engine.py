@@ -830,7 +830,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(results, memory)
     if memory:
-        print("\npeak MB: VmHWM - VmRSS after reset, fresh subprocess per cell (set-up + 2 steps); * = no clear_refs reset")
+        print(
+            "\npeak MB: steady-state VmHWM (reset after 2 warm-up steps, then 2 steps) - VmRSS before set-up, fresh "
+            "subprocess per cell, freed blocks >= 64 KiB returned to the kernel; * = no clear_refs reset"
+        )
     if any(m.startswith("lstm") for m in models):
         print("lstm: Opacus rows run opacus.layers.DPLSTM (ModuleValidator.fix); 'non-private DPLSTM' is their floor")
     if not args.no_check:
