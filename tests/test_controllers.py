@@ -208,7 +208,8 @@ def test_multi_objective_picks_the_minimiser_of_its_objective():
 
     def exact_objective(c: float) -> float:  # with the exact norms instead of the histogram
         bias = float((norms - c).clamp_min(0).mean())
-        return bias**2 + stats.noise_multiplier**2 * c**2 * 200_000 / 1000**2
+        signal = float(norms.clamp_max(c).mean())
+        return (bias**2 + stats.noise_multiplier**2 * c**2 * 200_000 / 1000**2) / signal**2
 
     grid = [2 ** (k / 16) for k in range(-48, 33)]
     best = min(grid, key=exact_objective)
@@ -244,3 +245,15 @@ def test_noise_std_regime_accounts_the_multiplier_of_every_step():
         by_hand.step(noise_multiplier=1.0 / c, sample_rate=0.25)  # fixed std 1.0 * 1.0; sigma_t = std / C_t
     assert engine.accountant.history == by_hand.history
     assert engine.get_epsilon(1e-5) == by_hand.get_epsilon(1e-5)
+
+
+def test_multi_objective_keeps_learning_when_the_noise_dominates():
+    # the regime that drove an absolute-error objective to C -> 0: the noise term
+    # sigma^2 C^2 d / B^2 (here 1.7 C^2) dwarfs the squared clipping bias at every C
+    norms = _lognormal(200, 4)
+    mo = MultiObjective(learning_rate=1.0)
+    clip = (1.0,)
+    for _ in range(30):
+        stats = release_statistics(mo, norms, clip, 200.0, 1.15, _exact, dimension=50_890)
+        clip = mo.update(clip, stats)
+    assert 0.3 < clip[0] < 3.0  # it settles at the scale of the norms (median 1)

@@ -141,12 +141,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--clip-lr", type=_positive, default=0.2, metavar="ETA",
                    help="quantile controller: geometric step size (default: 0.2)")
     p.add_argument("--count-noise-multiplier", type=_positive, metavar="SC",
-                   help="noise multiplier of the controller's statistics (default: expected clients per round / 20; "
-                        "must exceed the noise multiplier)")
+                   help="noise multiplier of the controller's statistics (default: the larger of expected clients "
+                        "per round / 20 and 3 x the noise multiplier, so the aggregate keeps sigma x 1.06; must exceed "
+                        "the noise multiplier)")
     p.add_argument("--server-optimizer", choices=("sgd", "adam"), default="sgd", help="default: sgd")
     p.add_argument("--server-lr", type=_positive, default=1.0, metavar="LR", help="default: 1.0")
-    p.add_argument("--server-momentum", type=_momentum, default=0.9, metavar="M",
-                   help="SGD momentum, or Adam's beta1 (default: 0.9)")
+    p.add_argument("--server-momentum", type=_momentum, default=0.0, metavar="M",
+                   help="SGD momentum, or Adam's beta1 (default: 0.0; 0.9 trained much worse in "
+                        "docs/results/federated.md)")
     p.add_argument("--local-dp-noise-multiplier", type=_nonnegative, metavar="S",
                    help="also run sample-level DP-SGD inside each client (make_private) with this noise multiplier")
     p.add_argument("--local-dp-max-grad-norm", type=_positive, default=1.0, metavar="C",
@@ -171,7 +173,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def _controller(args: argparse.Namespace) -> Any:
+def _controller(args: argparse.Namespace, sigma: float = 0.0) -> Any:
     from .. import controllers
 
     cls = getattr(controllers, CONTROLLERS[args.clip_controller], None)
@@ -183,6 +185,8 @@ def _controller(args: argparse.Namespace) -> Any:
     kwargs: dict[str, Any] = {}
     if args.count_noise_multiplier is not None:
         kwargs["count_noise_multiplier"] = args.count_noise_multiplier
+    elif sigma > 0:  # with few clients per round, Andrew et al.'s B / 20 would take the whole budget
+        kwargs["count_noise_multiplier"] = max(args.clients_per_round / 20.0, 3.0 * sigma)
     if args.clip_controller == "quantile":
         kwargs.update(target_unclipped_quantile=args.target_quantile, learning_rate=args.clip_lr)
     return cls(**kwargs)
@@ -224,7 +228,6 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    controller = _controller(args)
     generator = torch.Generator().manual_seed(args.seed)
     data = load(args.dataset, generator, data_dir=args.data_dir, train_subset=args.train_subset)
     model_name = args.model if args.model != "auto" else ("mlp" if args.dataset == "synthetic" else "cnn")
@@ -235,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target_epsilon is not None:
         sigma = get_noise_multiplier(target_epsilon=args.target_epsilon, target_delta=args.delta, sample_rate=q,
                                      steps=args.rounds, accountant=args.accountant)
+    controller = _controller(args, sigma)
     local_dp = None
     if args.local_dp_noise_multiplier is not None:
         local_dp = LocalDP(args.local_dp_noise_multiplier, args.local_dp_max_grad_norm)

@@ -61,7 +61,8 @@ def test_no_noise_gives_null_epsilon_and_human_output(capsys):
         (["--noise-multiplier", "1", "--delta", "0.5"], "--delta 0.5 must be in (0, 1 / clients"),
         (["--noise-multiplier", "1", "--partition", "shards:x"], "use iid, dirichlet:ALPHA"),
         (["--noise-multiplier", "-1"], "must be a finite number >= 0"),
-        (["--noise-multiplier", "1", "--clip-controller", "quantile"], "--count-noise-multiplier"),
+        (["--noise-multiplier", "1", "--clip-controller", "quantile", "--count-noise-multiplier", "0.5"],
+         "--count-noise-multiplier"),
         (["--noise-multiplier", "1", "--model", "cnn"], "--model cnn needs 28x28"),
         (["--noise-multiplier", "1", "--target-epsilon", "3"], "not allowed with argument"),
     ],
@@ -88,10 +89,14 @@ def test_histogram_controllers_run_federated(capsys, name):
 
     if not hasattr(controllers, CONTROLLERS[name]):
         pytest.skip(f"dpclip.controllers has no {CONTROLLERS[name]} yet")
-    code, out, err = _run(capsys, "--noise-multiplier", "0.7", "--clip-controller", name,
-                          "--count-noise-multiplier", "2", "--json", "--rounds", "3")
+    # without noise the statistics are exact (4 clients a round would drown in the count noise)
+    code, out, err = _run(capsys, "--noise-multiplier", "0", "--clip-controller", name, "--json", "--rounds", "3")
     assert code == 0, err
     result = json.loads(out)
     assert len(result["clip_history"]) == 3 and all(c > 0 for c in result["clip_history"])
     assert result["clip_history"][1] != result["clip_history"][0]  # the controller moved the threshold
-    assert result["accountant_history"] == [[0.7, 4 / 12, 3]]
+    assert result["accountant_history"] == [[0.0, 4 / 12, 3]]
+    # with noise it runs within the budget split (the default count noise is 3 sigma here)
+    code, out, err = _run(capsys, "--noise-multiplier", "0.7", "--clip-controller", name, "--json", "--rounds", "2")
+    assert code == 0, err
+    assert json.loads(out)["accountant_history"] == [[0.7, 4 / 12, 2]]
