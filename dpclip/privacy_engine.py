@@ -284,7 +284,11 @@ class PrivacyEngine:
         sampler = None
         if clipping != "batch":
             ghost, use_rules = _MODES[grad_sample_mode]
-            sampler = GradSampler(module, loss_reduction=loss_reduction, ghost=ghost, use_rules=use_rules)
+            # after the audited first step, autograd skips the weight gradients book-keeping replaces,
+            # first layers included (docs/design.md E8, E11)
+            sampler = GradSampler(
+                module, loss_reduction=loss_reduction, ghost=ghost, use_rules=use_rules, anchor_first_layers=True
+            )
             covered = {id(p) for p in sampler.parameters}
             missing = [
                 f"param_groups[{g}][{i}] (shape {tuple(p.shape)})"

@@ -6,7 +6,6 @@ sample) and against the exact per-sample loop ``rnn_per_sample_grads`` it replac
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -301,44 +300,3 @@ def test_grad_sampler_uses_batched_path(no_loop):
     assert_grads_equal({names[p]: g for p, g in got.items()}, want, atol=1e-9)
     for p, sq in norms.items():
         torch.testing.assert_close(sq, want[names[p]].flatten(1).pow(2).sum(1))
-
-
-def test_timing_lstm_32_64(capsys):
-    """Not asserted: loop vs batched, LSTM(32->64), B=64, T=20, 2 threads, float32."""
-    torch.manual_seed(12)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        lstm = nn.LSTM(32, 64, batch_first=True)
-        x = torch.randn(64, 20, 32)
-        out, _ = lstm(x)
-        go = (torch.randn_like(out), None)
-
-        def best(f, n=5):
-            f()
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-            return min(ts) * 1e3
-
-        def native_step():
-            lstm.zero_grad()
-            o, _ = lstm(x)
-            o.backward(go[0])
-
-        t_loop = best(lambda: rnn_per_sample_grads(lstm, (x,), go))
-        t_batched = best(lambda: rnn_per_sample_grads_batched(lstm, (x,), go))
-        t_nocheck = best(
-            lambda: rnn_per_sample_grads_batched(lstm, (x,), go, check_output=False)
-        )
-        t_native = best(native_step)
-    finally:
-        torch.set_num_threads(threads)
-    with capsys.disabled():
-        print(
-            f"\nLSTM(32->64) B=64 T=20, 2 threads: loop {t_loop:.1f} ms, batched "
-            f"{t_batched:.1f} ms (without output check {t_nocheck:.1f} ms), native batched "
-            f"forward+backward {t_native:.1f} ms; speed-up {t_loop / t_batched:.1f}x"
-        )
