@@ -8,7 +8,7 @@ import re
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["clipping.md", "controllers.md"]  # federated.md and secure_mode.md: tests/federated, test_noise
+PAGES = ["clipping.md", "controllers.md", "migrating-from-opacus.md"]  # federated.md and secure_mode.md: tests/federated, test_noise
 BLOCKS = [
     (page, i, block)
     for page in PAGES
