@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from dpclip.cli import _finite, _fmt, _momentum, _number, _positive  # shared, torch-free
+
 __all__ = ["add_parser", "run", "main", "CONTROLLERS"]
 
 DATASETS = ("mnist", "fashion-mnist", "synthetic")  # repeated from .datasets so the parser needs no torch
@@ -44,16 +46,6 @@ _EPILOG = (
 
 
 # -- argument types (errors name the value and the fix) -----------------------------------------------
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}")
-    return value
-
-
 def _whole(low: int):
     def parse(text: str) -> int:
         try:
@@ -67,13 +59,6 @@ def _whole(low: int):
     return parse
 
 
-def _positive(text: str) -> float:
-    value = _number(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
-    return value
-
-
 def _nonnegative(text: str) -> float:
     value = _number(text)
     if not 0 <= value < math.inf:
@@ -85,13 +70,6 @@ def _unit_open(text: str) -> float:
     value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1); got {text}")
-    return value
-
-
-def _momentum(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (e.g. 0.9); got {text}")
     return value
 
 
@@ -342,12 +320,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4g}" if math.isfinite(x) else "inf"
 
 
 def _json_default(value: Any) -> Any:
