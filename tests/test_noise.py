@@ -485,3 +485,50 @@ def test_secure_generator():
     assert isinstance(a, torch.Generator) and a.device.type == "cpu"
     assert a.initial_seed() != b.initial_seed()  # 64 random bits each
     assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+
+# ----------------------------------------------------------------------------- fill_normal
+def test_fill_normal_small_draw_is_one_normal_call():
+    from dpclip.noise import NOISE_CHUNK, fill_normal
+
+    n = NOISE_CHUNK
+    got = fill_normal(torch.empty(n), 2.0, torch.Generator().manual_seed(5))
+    want = torch.empty(n).normal_(0.0, 2.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n", [(1 << 16) + 1, 5 * (1 << 16) + 123])
+def test_fill_normal_large_draw_depends_on_the_generator_only(n):
+    from dpclip.noise import fill_normal
+
+    before = torch.get_num_threads()
+    try:
+        draws = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            draws.append(fill_normal(torch.empty(n, dtype=torch.float64), 1.0, torch.Generator().manual_seed(9)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(draws[0], d) for d in draws[1:])
+    other = fill_normal(torch.empty(n, dtype=torch.float64), 1.0, torch.Generator().manual_seed(10))
+    assert not torch.equal(draws[0], other)
+
+
+def test_fill_normal_large_draw_is_iid_standard_normal():
+    from dpclip.noise import NOISE_CHUNK, fill_normal
+
+    pieces = 8
+    x = fill_normal(torch.empty(pieces * NOISE_CHUNK, dtype=torch.float64), 3.0, torch.Generator().manual_seed(1))
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 * 3.0 / math.sqrt(n)
+    assert abs(x.std().item() / 3.0 - 1.0) < 5 * math.sqrt(0.5 / n)
+    # the pieces are independent: no two are the same stream, and neighbouring pieces are uncorrelated
+    rows = x.view(pieces, NOISE_CHUNK)
+    corr = torch.corrcoef(rows)
+    off = corr[~torch.eye(pieces, dtype=torch.bool)]
+    assert off.abs().max().item() < 5 / math.sqrt(NOISE_CHUNK)
+    # Kolmogorov-Smirnov distance to N(0, 9) on the whole draw
+    s = torch.sort(x / 3.0).values
+    cdf = 0.5 * (1 + torch.erf(s / math.sqrt(2)))
+    emp = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert (cdf - emp).abs().max().item() < 1.63 / math.sqrt(n)  # the 1% critical value
