@@ -496,6 +496,11 @@ def _add_train_parser(commands: Any) -> None:
                             "(default: none; adaptive_layerwise clipping always uses quantile)")
     train.add_argument("--batch-clip-size", type=_positive_int, metavar="N",
                        help="batch clipping only: expected micro-batch size (default: the whole batch)")
+    train.add_argument("--layerwise", action="store_true",
+                       help="batch clipping only: one threshold per layer, C / sqrt(layers) each (with "
+                            "--clip-controller quantile: batch clipping + adaptive layer-wise clipping)")
+    train.add_argument("--width", type=_positive_int, metavar="W",
+                       help="resnet18 / resnet18-bn only: channels of the first stage (default: 32)")
     train.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
     train.add_argument("--pixels", choices=("unit", "standard"),
                        help="image scaling: unit = x/255 in [0, 1], standard = per-channel (x/255 - mean)/std "
@@ -525,7 +530,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, lr_schedule=args.lr_schedule, pixels=args.pixels, momentum=args.momentum,
         optimizer=args.optimizer, clipping=args.clipping,
         max_grad_norm=args.max_grad_norm, clip_controller=args.clip_controller,
-        batch_clip_size=args.batch_clip_size, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
+        batch_clip_size=args.batch_clip_size, layerwise=args.layerwise, width=args.width, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
         train_subset=args.train_subset, threads=args.threads, out=args.out, progress=args.progress,
     )
     try:

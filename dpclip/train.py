@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .data import DATASETS, load_dataset
 from .models import MODELS, build_model, count_parameters
 
-__all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer", "default_threads",
+__all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer", "default_threads", "layer_bounds",
            "METRIC_FIELDS"]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -71,7 +71,13 @@ class TrainConfig:
     ``automatic`` ignores it). ``clip_controller``: ``"none"`` keeps C fixed, ``"quantile"``
     moves it towards the median per-sample norm from privatised counts (Andrew et al. 2021;
     ``adaptive_layerwise`` uses it by default). ``batch_clip_size``: ``batch`` clipping only,
-    the expected micro-batch size (default: the whole batch is one unit).
+    the expected micro-batch size (default: the whole batch is one unit). ``layerwise``:
+    ``batch`` clipping only, one threshold per layer (module with its own trainable
+    parameters), each ``max_grad_norm / sqrt(L)``, so the unit's sensitivity is still
+    ``2 max_grad_norm``; with ``clip_controller="quantile"`` the per-layer thresholds move
+    from privatised counts: batch clipping with adaptive layer-wise clipping (Nguyen et al.
+    2023). ``width``: channels of the first stage of the ``resnet18`` / ``resnet18-bn``
+    models (default: :class:`dpclip.models.ResNet18`'s 32).
     ``lr_schedule``: ``"constant"``, or ``"cosine"`` (from ``lr`` down to 0 over the planned
     steps, one update per step). ``pixels``: how images are scaled (:func:`dpclip.data.to_tensors`);
     by default ``"unit"`` ([0, 1]) for MNIST and Fashion-MNIST and ``"standard"`` for CIFAR-10,
@@ -97,6 +103,8 @@ class TrainConfig:
     max_grad_norm: float = 0.1
     clip_controller: str = "none"
     batch_clip_size: int | None = None
+    layerwise: bool = False
+    width: int | None = None
     accountant: str = "prv"
     grad_sample_mode: str = "auto"
     seed: int = 0
@@ -128,7 +136,7 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name} must be a whole number >= 1; got {value!r}")
-    for name in ("max_steps", "train_subset", "threads", "batch_clip_size"):
+    for name in ("max_steps", "train_subset", "threads", "batch_clip_size", "width"):
         value = getattr(cfg, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             problems.append(f"{name} must be a whole number >= 1 (or unset); got {value!r}")
@@ -150,6 +158,13 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"clip_controller {cfg.clip_controller!r} is not one of {', '.join(CONTROLLERS)}")
     if cfg.batch_clip_size is not None and cfg.clipping != "batch":
         problems.append(f"batch_clip_size is for clipping 'batch'; got clipping {cfg.clipping!r}")
+    if not isinstance(cfg.layerwise, bool):
+        problems.append(f"layerwise must be True or False; got {cfg.layerwise!r}")
+    elif cfg.layerwise and cfg.clipping != "batch":
+        problems.append(f"layerwise is for clipping 'batch' (per_layer and adaptive_layerwise are already "
+                        f"layer-wise); got clipping {cfg.clipping!r}")
+    if cfg.width is not None and cfg.model not in ("resnet18", "resnet18-bn"):
+        problems.append(f"width is for the resnet18 / resnet18-bn models; got model {cfg.model!r}")
     if cfg.accountant not in ACCOUNTANTS:
         problems.append(f"accountant {cfg.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -175,6 +190,28 @@ def random_subset(dataset: TensorDataset, n: int | None, generator: torch.Genera
         raise ValueError(f"train_subset={n} is larger than the training set ({total} examples); use at most {total}")
     index = torch.randperm(total, generator=generator)[:n]
     return TensorDataset(*(t[index] for t in dataset.tensors))
+
+
+def layer_bounds(model: nn.Module, max_grad_norm: float) -> dict[str, float]:
+    """``{module name: max_grad_norm / sqrt(L)}`` for the ``L`` modules with their own trainable parameters.
+
+    The same layers, and the same split of ``max_grad_norm``, as the engine's ``per_layer``
+    clipping with a float bound; as a dict it also works with ``clipping="batch"``.
+    """
+    names = [name for name, m in model.named_modules()
+             if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return {name: max_grad_norm / math.sqrt(len(names)) for name in names}
+
+
+def _build_model(cfg: TrainConfig, channels: int, image_size: int, generator: torch.Generator) -> nn.Module:
+    """``build_model``, or a :class:`ResNet18` of ``cfg.width`` seeded from ``generator`` the same way."""
+    if cfg.width is None:
+        return build_model(cfg.model, channels, 10, image_size=image_size, generator=generator)
+    from .models import ResNet18, init_parameters
+
+    with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: undo that
+        model = ResNet18(channels, 10, norm="batch" if cfg.model == "resnet18-bn" else "group", width=cfg.width)
+    return init_parameters(model, generator)
 
 
 def make_optimizer(name: str, params: Any, lr: float, momentum: float) -> torch.optim.Optimizer:
@@ -309,6 +346,7 @@ class _Setup:
     generator: torch.Generator
     total_steps: int
     schedule: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int  # logical (private) steps; in batch clipping the loader yields several units per step
 
 
 def default_threads(cpus: int | None = None, load: float | None = None) -> int:
@@ -355,12 +393,14 @@ def _prepare(cfg: TrainConfig, gens: dict[str, torch.Generator]) -> _Setup:
         raise ValueError(f"delta={cfg.delta:g} is not below 1 / training-set size (1/{len(train_set)}); "
                          "use a smaller delta (e.g. 1e-5)")
     channels, height = train_set.tensors[0].shape[1:3]
-    model = build_model(cfg.model, channels, 10, image_size=height, generator=gens["model"])
+    model = _build_model(cfg, channels, height, gens["model"])
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum)
     loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)))
+    steps_per_epoch = len(loader)  # the engine's Poisson sampler draws this many logical batches per pass
     engine = PrivacyEngine(accountant=cfg.accountant)
     common: dict[str, Any] = dict(module=model, optimizer=optimizer, data_loader=loader,
-                                  max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, clipping=cfg.clipping,
+                                  max_grad_norm=layer_bounds(model, cfg.max_grad_norm) if cfg.layerwise
+                                  else cfg.max_grad_norm, poisson_sampling=True, clipping=cfg.clipping,
                                   grad_sample_mode=cfg.grad_sample_mode, generator=gens["private"])
     if cfg.clip_controller == "quantile":
         from .controllers import Quantile
@@ -373,17 +413,22 @@ def _prepare(cfg: TrainConfig, gens: dict[str, torch.Generator]) -> _Setup:
             target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=cfg.epochs, **common)
     else:
         model, optimizer, loader = engine.make_private(noise_multiplier=cfg.noise_multiplier, **common)
-    planned = cfg.epochs * len(loader)
+    planned = cfg.epochs * steps_per_epoch
     total = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
     return _Setup(model, optimizer, loader, engine, test_set, len(train_set), pixels, gens["private"], total,
-                  lr_schedule(optimizer, cfg.lr_schedule, total))
+                  lr_schedule(optimizer, cfg.lr_schedule, total), steps_per_epoch)
 
 
 def _train_epoch(s: _Setup, cfg: TrainConfig, epoch: int, steps: int, log: TextIO,
                  show_bar: bool) -> tuple[_Running, int]:
-    """One pass over the Poisson loader (or up to ``s.total_steps``); returns running stats and steps done."""
+    """One pass over the Poisson loader (or up to ``s.total_steps``); returns running stats and steps done.
+
+    A step is a logical (private) step: in batch clipping with micro-batches the loader yields
+    one unit per item and the engine releases the step after the last unit, so steps are
+    counted from the engine's own count.
+    """
     running = _Running()
-    per_epoch = len(s.loader)
+    per_epoch = s.steps_per_epoch
     bar = _progress_bar(min(per_epoch, s.total_steps - steps), f"epoch {epoch}/{cfg.epochs}", show_bar, log)
     eps_every = max(1, per_epoch // 10)  # epsilon for the bar about ten times an epoch (it costs milliseconds)
     epsilon = _epsilon(s.engine, cfg.delta)
@@ -393,8 +438,11 @@ def _train_epoch(s: _Setup, cfg: TrainConfig, epoch: int, steps: int, log: TextI
             loss = F.cross_entropy(logits, y)
             loss.backward()
             running.add(logits.detach(), y, loss.detach())
+        released_before = getattr(s.engine, "steps", None)
         s.optimizer.step()  # an empty Poisson batch still adds noise and an accounting step
         s.optimizer.zero_grad(set_to_none=True)
+        if released_before is not None and s.engine.steps == released_before:
+            continue  # a micro-batch unit that is not the last of its step: nothing released yet
         s.schedule.step()
         steps += 1
         if steps == 1:
@@ -428,6 +476,8 @@ def _result(cfg: TrainConfig, s: _Setup, rows: list[dict[str, float]], steps: in
         "train_size": s.train_size, "test_size": len(s.test_set), "batch_size": cfg.batch_size, "lr": cfg.lr,
         "lr_schedule": cfg.lr_schedule, "pixels": s.pixels, "momentum": cfg.momentum, "optimizer": cfg.optimizer,
         "clipping": cfg.clipping, "max_grad_norm": cfg.max_grad_norm, "clip_controller": cfg.clip_controller,
+        "batch_clip_size": cfg.batch_clip_size, "layerwise": cfg.layerwise, "width": cfg.width,
+        "clip_thresholds": [float(c) for c in getattr(s.engine, "max_grad_norm", ())],
         "seed": cfg.seed, "threads": threads, "metrics": rows, "files": {},
     }
 
@@ -473,7 +523,7 @@ def _run(cfg: TrainConfig, threads: int, log: TextIO,
     start = time.perf_counter()
     s = _prepare(cfg, _generators(cfg.seed))
     print(f"dpclip train: {cfg.dataset} ({s.train_size} train / {len(s.test_set)} test), model {cfg.model} "
-          f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, {len(s.loader)} steps/epoch, "
+          f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, {s.steps_per_epoch} steps/epoch, "
           f"{threads} thread{'s' if threads != 1 else ''}", file=log, flush=True)
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
@@ -487,7 +537,7 @@ def _run(cfg: TrainConfig, threads: int, log: TextIO,
         epoch_start, first_step = time.perf_counter(), steps
         running, steps = _train_epoch(s, cfg, epoch, steps, log, show_bar)
         test_loss, test_accuracy = evaluate(s.model, s.test_set, cfg.eval_batch_size)
-        row = {"epoch": _epochs_done(epoch, steps - first_step, len(s.loader)), "steps": steps,
+        row = {"epoch": _epochs_done(epoch, steps - first_step, s.steps_per_epoch), "steps": steps,
                "train_loss": running.loss, "train_accuracy": running.accuracy, "test_loss": test_loss,
                "test_accuracy": test_accuracy, "epsilon": _epsilon(s.engine, cfg.delta),
                "seconds": time.perf_counter() - epoch_start}

@@ -280,3 +280,52 @@ def test_human_output(capsys, mnist_dir):
     result = json.loads(out)
     assert result["pixels"] == "standard" and result["lr_schedule"] == "cosine" and result["steps"] == 1
     assert np.isfinite(float(lines["epsilon"].split()[0]))
+
+
+def test_batch_clipping_counts_logical_steps_not_micro_batches(mnist_dir):
+    """With micro-batch units the loader yields several items per private step; steps are the engine's."""
+    folder, _ = mnist_dir
+    cfg = TrainConfig(data_dir=str(folder), model="resnet18-bn", width=4, noise_multiplier=1.0, train_subset=200,
+                      batch_size=100, epochs=1, clipping="batch", batch_clip_size=25, max_grad_norm=1.0, lr=0.1,
+                      threads=1, progress=False)
+    result = train(cfg, log=io.StringIO())
+    assert result["steps"] == 2 and result["epochs"] == 1  # 200 / 100 = 2 steps per epoch, 4 units each
+    assert result["history"] == [[1.0, 0.5, 2]]
+    assert result["width"] == 4 and result["parameters"] < 50_000  # width 32 (default): 2.8M
+    short = train(TrainConfig(**{**cfg.__dict__, "epochs": 2, "max_steps": 3}), log=io.StringIO())
+    assert short["steps"] == 3 and short["epochs"] == 1.5 and short["history"][-1][2] == 3
+
+
+def test_batch_clipping_layerwise_with_quantile_controller(mnist_dir):
+    """BC + ALC: one threshold per layer (C / sqrt(L)), moved by the privatised Quantile controller."""
+    folder, _ = mnist_dir
+    model = build_model("resnet18-bn", 1, 10)
+    bounds = train_module.layer_bounds(model, 2.0)
+    assert len(bounds) == sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+    assert math.isclose(math.sqrt(sum(b * b for b in bounds.values())), 2.0)
+    # 20 units per step: the counts' default noise multiplier 20 / 20 = 1 must exceed sigma
+    result = train(TrainConfig(data_dir=str(folder), model="resnet18-bn", width=4, noise_multiplier=0.5,
+                               train_subset=200, batch_size=100, epochs=1, clipping="batch", batch_clip_size=5,
+                               layerwise=True, clip_controller="quantile", max_grad_norm=1.0, lr=0.1, threads=1,
+                               progress=False), log=io.StringIO())
+    thresholds = result["clip_thresholds"]
+    assert result["layerwise"] and len(thresholds) == len(bounds) and len(set(thresholds)) > 1
+    assert result["steps"] == 2 and math.isfinite(result["epsilon"])
+
+
+def test_layerwise_and_width_are_checked():
+    with pytest.raises(ValueError) as info:
+        check_config(TrainConfig(noise_multiplier=1.0, layerwise=True, width=8))
+    assert "layerwise is for clipping 'batch'" in str(info.value) and "width is for the resnet18" in str(info.value)
+
+
+def test_train_cli_layerwise_and_width(capsys, mnist_dir):
+    folder, _ = mnist_dir
+    code, out, err = run_cli(capsys, "train", "--data-dir", str(folder), "--model", "resnet18-bn", "--width", "4",
+                             "--clipping", "batch", "--batch-clip-size", "20", "--layerwise", "--clip-controller",
+                             "quantile", "--noise-multiplier", "0.2", "--train-subset", "200", "--batch-size", "100",
+                             "--max-steps", "1", "--threads", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["layerwise"] is True and result["width"] == 4 and result["steps"] == 1
+    assert result["batch_clip_size"] == 20 and len(result["clip_thresholds"]) > 1
