@@ -300,3 +300,78 @@ def test_grad_sampler_uses_batched_path(no_loop):
     assert_grads_equal({names[p]: g for p, g in got.items()}, want, atol=1e-9)
     for p, sq in norms.items():
         torch.testing.assert_close(sq, want[names[p]].flatten(1).pow(2).sum(1))
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("variant", ["plain", "2layers_bidir", "nobias"])
+@pytest.mark.parametrize("ghost", ["auto", "always"])
+def test_grad_sampler_book_keeping_without_per_sample_tensors(kind, variant, ghost, monkeypatch, no_loop):
+    """Norms and clipped sums of a recurrent unit come from its Linear pieces (rnn.expand):
+    the [B, *weight] gradients are never formed, and both agree with the float64 oracle."""
+    torch.manual_seed(3)
+    model = Net(lambda: CONFIGS[kind](True, **VARIANTS[variant]), batch_first=True, use_h0=True).to(DT)
+    x = torch.randn(6, T, 3, dtype=DT)
+    want = per_sample_grads_loop(model, loss_sum, x, torch.zeros(6))
+
+    def boom(*a, **k):
+        raise AssertionError("materialised the recurrent unit's per-sample gradients")
+
+    monkeypatch.setattr(rnn_mod, "rnn_per_sample_grads_batched", boom)
+    scales = torch.rand(6, dtype=DT)
+    with GradSampler(model, loss_reduction="sum", ghost=ghost) as gs:
+        model(x).sum().backward()
+        norms = gs.per_sample_sq_norms()
+        sums = gs.clipped_sums({p: scales for p in gs.parameters})
+    names = {p: n for n, p in model.named_parameters()}
+    for p, sq in norms.items():
+        torch.testing.assert_close(sq, want[names[p]].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    for p, s in sums.items():
+        torch.testing.assert_close(s, torch.tensordot(scales, want[names[p]], dims=1), rtol=1e-9, atol=1e-12)
+
+
+def test_lstm_proj_size_book_keeping(monkeypatch, no_loop):
+    torch.manual_seed(4)
+    model = Net(lambda: nn.LSTM(3, 5, proj_size=2, num_layers=2, batch_first=True), batch_first=True).to(DT)
+    x = torch.randn(4, T, 3, dtype=DT)
+    want = per_sample_grads_loop(model, loss_sum, x, torch.zeros(4))
+    monkeypatch.setattr(rnn_mod, "rnn_per_sample_grads_batched", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+    with GradSampler(model, loss_reduction="sum") as gs:
+        model(x).sum().backward()
+        norms = gs.per_sample_sq_norms()
+        sums = gs.clipped_sums({p: torch.ones(4, dtype=DT) for p in gs.parameters})
+    names = {p: n for n, p in model.named_parameters()}
+    for p in norms:
+        torch.testing.assert_close(norms[p], want[names[p]].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums[p], want[names[p]].sum(0), rtol=1e-9, atol=1e-12)
+
+
+def test_subclass_still_materialises():
+    """A subclass of nn.LSTM (its forward may differ) gets no pieces: its per-sample gradients
+    are materialised through the per-sample loop, and the norms still match the oracle."""
+
+    class MyLSTM(nn.LSTM):
+        pass
+
+    torch.manual_seed(5)
+    model = Net(lambda: MyLSTM(3, 4, batch_first=True), batch_first=True).to(DT)
+    x = torch.randn(3, T, 3, dtype=DT)
+    want = per_sample_grads_loop(model, loss_sum, x, torch.zeros(3))
+    calls = []
+    real = rnn_mod.rnn_per_sample_grads
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    import dpclip.grad_sample.vmap as vmap_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rnn_mod, "rnn_per_sample_grads", counted)
+        mp.setattr(vmap_mod, "rnn_per_sample_grads", counted)
+        with GradSampler(model, loss_reduction="sum") as gs:
+            model(x).sum().backward()
+            norms = gs.per_sample_sq_norms()
+    assert calls, "the subclass should have gone to the per-sample loop"
+    names = {p: n for n, p in model.named_parameters()}
+    for p in norms:
+        torch.testing.assert_close(norms[p], want[names[p]].flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)

@@ -726,6 +726,30 @@ class GradSampler:
             call.pieces = _mha.expand(unit.module, call.inputs, call.kwargs, call.grads[0])
         return call.pieces
 
+    def _pieces(self, unit: Unit, call: _Call):
+        """A fallback unit's affine maps as Linear pieces, where known: ``nn.MultiheadAttention``
+        (:func:`mha.expand`) and ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (:func:`rnn.expand`). They
+        get ghost norms and the book-keeping contraction like Linear layers, so no ``[B, *shape]``
+        gradient of the unit is formed. None: materialise (the call is not supported by the
+        batched paths, or ``ghost="never"``)."""
+        if self.ghost == "never":
+            return None
+        if isinstance(unit.module, nn.MultiheadAttention):
+            return self._mha_pieces(unit, call)
+        if unit.rule is not None or not self._use_rules or type(unit.module) not in _rnn_types():
+            return None
+        if call.pieces is None:
+            from .rnn import expand
+
+            self._suspended += 1  # the check re-runs the module's forward: do not capture it
+            try:
+                pieces = expand(unit.module, call.inputs, call.grad_output(), params=dict(unit.params),
+                                kwargs=call.kwargs)
+            finally:
+                self._suspended -= 1
+            call.pieces = pieces if pieces is not None else False  # False: tried, not supported
+        return call.pieces or None
+
     # ---------------------------------------------------------------- public API
 
     def per_sample_grads(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -773,7 +797,7 @@ class GradSampler:
                 multi = [(n, p) for n, p in unit.params if uses[id(p)] > 1]
                 for call in calls:
                     grads = None
-                    pieces = self._mha_pieces(unit, call) if single and self.ghost != "never" else None
+                    pieces = self._pieces(unit, call) if single else None
                     if pieces is not None:
                         if self.ghost == "always":
                             with _ghost_forced_on():
@@ -853,7 +877,7 @@ class GradSampler:
                             for n, p in unit.params
                         }
                         res = unit.rule.clipped_sum(unit.module, a, g, s)
-                    elif self._mha_pieces(unit, call) is not None and self.ghost != "never":
+                    elif self._pieces(unit, call) is not None:
                         res = _mha.clipped_sums(unit.module, call.pieces, {n: scales[p] for n, p in wanted})
                     else:
                         grads = self._call_grads(unit, call)
@@ -873,6 +897,10 @@ class GradSampler:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _rnn_types() -> tuple[type, ...]:
+    return (nn.RNN, nn.LSTM, nn.GRU)
 
 
 class _Anchor(torch.autograd.Function):

@@ -36,6 +36,7 @@ error it documents): ``PackedSequence`` inputs, dropout between layers in train 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ from .vmap import (
 )
 
 __all__ = [
+    "expand",
     "rnn_per_sample_grads_batched",
     "rnn_per_sample_sq_norms",
     "unsupported_reason",
@@ -252,6 +254,117 @@ def _check_against_native(module, W, x_orig, hx, mine) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _NotBatched:
+    """Why the batched path does not apply: an unsupported call, or a recomputed forward that
+    differs from the module's own (``mismatch``)."""
+
+    reason: str
+    mismatch: bool = False
+
+
+def _unrolled_grads(
+    module: nn.RNNBase,
+    inputs: tuple[Any, ...],
+    grad_output: Any,
+    params: dict[str, torch.Tensor] | None,
+    kwargs: dict[str, Any] | None,
+    check_output: bool,
+) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]] | _NotBatched:
+    """Recompute the recurrence and backpropagate the captured output gradients once.
+
+    Returns ``(diff, batch, layers)``: ``diff`` the parameters to differentiate, and per (layer,
+    direction) a dict with ``sfx`` and the time-major tensors the weight gradients are built
+    from: ``x [T, B, I]`` with ``dgi [T, B, G]`` (W_ih, b_ih), ``hprev [T, B, H]`` with
+    ``dgh [T, B, G]`` (W_hh, b_hh), and with a projection ``m [T, B, H]`` with ``dh [T, B, P]``
+    (W_hr); ``layers`` is empty when the batch is empty or nothing is differentiated. Returns
+    :class:`_NotBatched` when this path does not apply or the recomputed forward does not match
+    the module's own; the caller then uses the per-sample loop.
+    """
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    reason = unsupported_reason(module, inputs, kwargs)
+    if reason is not None:
+        return _NotBatched(reason)
+    x_orig, hx = _split_call(inputs, kwargs)
+    x_orig = x_orig.detach()
+    hx = _tree_map(torch.Tensor.detach, hx)
+    if isinstance(hx, list):
+        hx = tuple(hx)
+    grad_output = _tree_map(torch.Tensor.detach, grad_output)
+    diff = _resolve_params(module, params)
+    batch = x_orig.shape[0 if module.batch_first else 1]
+    if batch == 0 or not diff:
+        return diff, batch, []
+    W = {n: p.detach() for n, p in _constants(module, diff).items()}
+    W.update(diff)
+    W = {n: W[n] for n in module._flat_weights_names}
+    x = x_orig.transpose(0, 1) if module.batch_first else x_orig
+
+    tensors: list[torch.Tensor] = []
+    template = _split(grad_output, tensors)
+    with torch.enable_grad():
+        out, hn, cn, records = _recompute(module, W, x, hx)
+        mine = _structure(module, out, hn, cn)
+        if check_output:
+            bad = _check_against_native(module, W, x_orig, hx, mine)
+            if bad is not None:
+                return _NotBatched(
+                    f"the recomputed {type(module).__name__} forward differs from the module's ({bad})",
+                    mismatch=True,
+                )
+        pairs: list = []
+        _pair(mine, template, tensors, pairs)
+        outs = [o for o, c in pairs if c is not None]
+        cots = [c for o, c in pairs if c is not None]
+        proj = isinstance(module, nn.LSTM) and module.proj_size > 0
+        targets: list[torch.Tensor] = []
+        for rec in records:
+            targets.extend(rec["gh"])
+            if rec["gi"] is not None:
+                targets.append(rec["gi"])
+            if proj:
+                targets.extend(rec["h"])
+        if outs:
+            gs = list(torch.autograd.grad(outs, targets, cots, allow_unused=True))
+        else:
+            gs = [None] * len(targets)
+
+    def zeros_if_none(g, like):
+        return torch.zeros_like(like) if g is None else g
+
+    layers: list[dict[str, Any]] = []
+    T = x.shape[0]
+    k = 0
+    for rec in records:
+        dgh = torch.stack([zeros_if_none(g, t) for g, t in zip(gs[k : k + T], rec["gh"])])
+        k += T
+        if rec["gi"] is None:  # RNN / LSTM: gi_t and gh_t enter only through their sum
+            dgi = dgh
+        else:
+            dgi = zeros_if_none(gs[k], rec["gi"])
+            k += 1
+        layer = dict(
+            sfx=rec["sfx"], x=rec["x"].detach(), dgi=dgi.detach(),
+            hprev=torch.stack([h.detach() for h in rec["hprev"]]), dgh=dgh.detach(), m=None, dh=None,
+        )
+        if proj:
+            layer["dh"] = torch.stack([zeros_if_none(g, t) for g, t in zip(gs[k : k + T], rec["h"])]).detach()
+            k += T
+            layer["m"] = torch.stack([t.detach() for t in rec["m"]])
+        layers.append(layer)
+    return diff, batch, layers
+
+
+def _weight_pairs(layer: dict[str, Any]):
+    """``(weight, bias, a [T, B, d], g [T, B, p])`` for the affine maps of one (layer, direction)."""
+    sfx = layer["sfx"]
+    yield "weight_ih" + sfx, "bias_ih" + sfx, layer["x"], layer["dgi"]
+    yield "weight_hh" + sfx, "bias_hh" + sfx, layer["hprev"], layer["dgh"]
+    if layer["dh"] is not None:
+        yield "weight_hr" + sfx, None, layer["m"], layer["dh"]
+
+
 def rnn_per_sample_grads_batched(
     module: nn.RNNBase,
     inputs: tuple[Any, ...],
@@ -275,95 +388,67 @@ def rnn_per_sample_grads_batched(
     loop. With ``check_output`` (default) the recomputed forward is compared with the module's
     native one first, and a mismatch falls back to the loop with a ``RuntimeWarning``.
     """
-    if not isinstance(inputs, tuple):
-        inputs = (inputs,)
-    if unsupported_reason(module, inputs, kwargs) is not None:
+    got = _unrolled_grads(module, inputs, grad_output, params, kwargs, check_output)
+    if isinstance(got, _NotBatched):
+        if not got.mismatch:  # unsupported call: the loop handles it or raises
+            return rnn_per_sample_grads(module, inputs, grad_output, params=params, kwargs=kwargs)
+        warnings.warn(
+            f"rnn_per_sample_grads_batched: {got.reason}; using the exact per-sample loop instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return rnn_per_sample_grads(module, inputs, grad_output, params=params, kwargs=kwargs)
-    x_orig, hx = _split_call(inputs, kwargs)
-    x_orig = x_orig.detach()
-    hx = _tree_map(torch.Tensor.detach, hx)
-    if isinstance(hx, list):
-        hx = tuple(hx)
-    grad_output = _tree_map(torch.Tensor.detach, grad_output)
-    diff = _resolve_params(module, params)
-    batch = x_orig.shape[0 if module.batch_first else 1]
-    if batch == 0 or not diff:
+    diff, batch, layers = got
+    if not layers:
         return {n: p.new_zeros((batch, *p.shape)) for n, p in diff.items()}
-    W = {n: p.detach() for n, p in _constants(module, diff).items()}
-    W.update(diff)
-    W = {n: W[n] for n in module._flat_weights_names}
-    x = x_orig.transpose(0, 1) if module.batch_first else x_orig
-
-    tensors: list[torch.Tensor] = []
-    template = _split(grad_output, tensors)
-    with torch.enable_grad():
-        out, hn, cn, records = _recompute(module, W, x, hx)
-        mine = _structure(module, out, hn, cn)
-        if check_output:
-            bad = _check_against_native(module, W, x_orig, hx, mine)
-            if bad is not None:
-                warnings.warn(
-                    f"rnn_per_sample_grads_batched: the recomputed {type(module).__name__} "
-                    f"forward differs from the module's ({bad}); using the exact per-sample "
-                    "loop instead",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return rnn_per_sample_grads(
-                    module, inputs, grad_output, params=params, kwargs=kwargs
-                )
-        pairs: list = []
-        _pair(mine, template, tensors, pairs)
-        outs = [o for o, c in pairs if c is not None]
-        cots = [c for o, c in pairs if c is not None]
-        proj = isinstance(module, nn.LSTM) and module.proj_size > 0
-        targets: list[torch.Tensor] = []
-        for rec in records:
-            targets.extend(rec["gh"])
-            if rec["gi"] is not None:
-                targets.append(rec["gi"])
-            if proj:
-                targets.extend(rec["h"])
-        if outs:
-            gs = list(torch.autograd.grad(outs, targets, cots, allow_unused=True))
-        else:
-            gs = [None] * len(targets)
-
-    def zeros_if_none(g, like):
-        return torch.zeros_like(like) if g is None else g
-
     result: dict[str, torch.Tensor] = {}
-    T = x.shape[0]
-    k = 0
-    for rec in records:
-        sfx = rec["sfx"]
-        dgh = torch.stack([zeros_if_none(g, t) for g, t in zip(gs[k : k + T], rec["gh"])])
-        k += T
-        if rec["gi"] is None:  # RNN / LSTM: gi_t and gh_t enter only through their sum
-            dgi = dgh
-        else:
-            dgi = zeros_if_none(gs[k], rec["gi"])
-            k += 1
-        hprev = torch.stack([h.detach() for h in rec["hprev"]])
-        wanted = lambda name: name + sfx in diff  # noqa: E731
-        if wanted("weight_ih"):
-            result["weight_ih" + sfx] = torch.einsum("tbg,tbi->bgi", dgi, rec["x"].detach())
-        if wanted("bias_ih"):
-            result["bias_ih" + sfx] = dgi.sum(0)
-        if wanted("weight_hh"):
-            result["weight_hh" + sfx] = torch.einsum("tbg,tbh->bgh", dgh, hprev)
-        if wanted("bias_hh"):
-            result["bias_hh" + sfx] = dgh.sum(0)
-        if proj:
-            dh = torch.stack([zeros_if_none(g, t) for g, t in zip(gs[k : k + T], rec["h"])])
-            k += T
-            if wanted("weight_hr"):
-                m = torch.stack([t.detach() for t in rec["m"]])
-                result["weight_hr" + sfx] = torch.einsum("tbp,tbh->bph", dh, m)
+    for layer in layers:
+        for weight, bias, a, g in _weight_pairs(layer):
+            if weight in diff:
+                result[weight] = torch.einsum("tbg,tbi->bgi", g, a)
+            if bias is not None and bias in diff:
+                result[bias] = g.sum(0)
     missing = set(diff) - set(result)
     if missing:  # cannot happen for the three supported types; be loud rather than wrong
         raise RuntimeError(f"rnn_per_sample_grads_batched: no gradient built for {missing}")
-    return {n: result[n].detach() for n in diff}
+    return {n: result[n] for n in diff}
+
+
+def expand(
+    module: nn.RNNBase,
+    inputs: tuple[Any, ...],
+    grad_output: Any,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> list | None:
+    """The recurrent layer's affine maps as Linear pieces (:class:`dpclip.grad_sample.mha.Piece`),
+    for ghost norms and the book-keeping contraction without ``[B, *weight]`` tensors.
+
+    Each weight ``W`` of the module enters as ``sum_t g_t a_t^T`` per sample (see the module
+    docstring), i.e. a Linear map over ``T`` positions with activations ``a [B, T, d]`` and
+    output gradients ``g [B, T, p]``; its bias is ``sum_t g_t``. Only parameters in ``params``
+    (default: all trainable) get pieces. Returns None where the batched path does not apply
+    (unsupported call, recomputed forward differs, empty batch): the caller then materialises
+    through :func:`rnn_per_sample_grads_batched`, which handles those cases.
+    """
+    from .mha import Piece
+
+    got = _unrolled_grads(module, inputs, grad_output, params, kwargs, check_output=True)
+    if isinstance(got, _NotBatched):
+        return None
+    diff, _, layers = got
+    if not layers:
+        return None
+    pieces = []
+    for layer in layers:
+        for weight, bias, a, g in _weight_pairs(layer):
+            w = weight if weight in diff else None
+            b = bias if bias is not None and bias in diff else None
+            if w is None and b is None:
+                continue
+            pieces.append(Piece(weight=w, bias=b, rows=None, a=a.transpose(0, 1), g=g.transpose(0, 1)))
+    return pieces
 
 
 def rnn_per_sample_sq_norms(
