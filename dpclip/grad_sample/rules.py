@@ -188,7 +188,7 @@ def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
         T, d, p = a.shape[1], a.shape[2], g.shape[2]
         if T == 1 and not _ghost_overridden():
             # ||g a^T||^2 = |a|^2 |g|^2 for one position
-            out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+            out["weight"] = _sq(a).mul_(_sq(g))
         elif use_ghost(T, d, p):
             out["weight"] = _ghost_sq(a, g)
         else:
