@@ -5,8 +5,8 @@
     .venv/bin/python docs/gen_api.py            # rewrite docs/api.md
     .venv/bin/python docs/gen_api.py --check    # exit 1 if docs/api.md is stale
 
-The reference covers ``__all__`` of ``dpclip``, ``dpclip.controllers``, ``dpclip.federated``
-and ``accountants``. For each name it prints the signature, the first paragraph of the
+The reference covers ``__all__`` of ``dpclip``, ``dpclip.controllers``, ``dpclip.federated``,
+``dpclip.distributed`` and ``accountants``. For each name it prints the signature, the first paragraph of the
 docstring and the docstring's ``Args:`` / ``Attributes:`` / ``Returns:`` sections; for a
 class also its public methods and properties. ``tests/test_docs.py`` regenerates the page
 and fails when the committed one differs, so the reference cannot drift from the code: to
@@ -33,13 +33,16 @@ MODULES = [
     ("dpclip.controllers", "Clip-norm controllers and the privatised statistics they read ([controllers.md](controllers.md))."),
     ("dpclip.federated", "DP-FedAvg simulation and client partitions ([federated.md](federated.md)). The Flower "
      "strategy `dpclip.federated.flower.DPFedAvg` needs the `flower` extra and is not exported here."),
+    ("dpclip.distributed", "Data-parallel private training over `torch.distributed`: wrap the model in "
+     "`DPDDP` and call `make_private` on every process ([getting-started.md](getting-started.md#several-processes-torchdistributed))."),
     ("accountants", "Torch-free privacy accounting: numpy and scipy only ([accounting.md](accounting.md))."),
 ]
 
 HEADER = """\
 # API reference
 
-Every public name of `dpclip`, `dpclip.controllers`, `dpclip.federated` and `accountants`
+Every public name of `dpclip`, `dpclip.controllers`, `dpclip.federated`, `dpclip.distributed` and
+`accountants`
 (their `__all__`), with its signature and the first paragraph of its docstring, plus the
 docstring's argument and attribute lists. For a class, its public methods and properties
 follow. Guides with worked examples: [getting-started.md](getting-started.md),

@@ -46,6 +46,7 @@ from .clipping import AutomaticClipping, FlatClipping, PerLayerClipping
 from .controllers import gradient_noise_multiplier, release_statistics
 from .grad_sample.bookkeeping import clip_and_sum
 from .grad_sample.hooks import GradSampler
+from . import distributed
 from .noise import GaussianNoise
 from .sampling import LogicalBatchSampler, PoissonBatchSampler, StepPlan, empty_batch_collate, loader_like
 from .validate import problems as model_problems
@@ -109,6 +110,8 @@ class _Attachment:
     budget_steps_left: int | None = None
     budget_sigma: float | None = None
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
+    rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
+    world_size: int = 1
 
     @property
     def clipper(self):
@@ -205,6 +208,28 @@ class PrivacyEngine:
         if generator is None:
             generator = noise_generator
         problems = [f"unknown argument {name}={value!r}" for name, value in unused.items()]
+        returned = module  # what the caller gets back (a DPDDP wrapper stays wrapped)
+        rank, world_size = 0, 1
+        if isinstance(module, distributed.DPDDP):
+            rank, world_size = distributed.world()
+            module = module.module
+            if clipping == "batch":
+                problems.append(
+                    "clipping='batch' is not available with DPDDP: a micro-batch unit would span processes, "
+                    "and its clipped gradient would then depend on every process's examples. Fix: use "
+                    "clipping='flat' or 'per_layer' (or train batch clipping in one process)"
+                )
+            if not poisson_sampling:
+                problems.append(
+                    "poisson_sampling=False with DPDDP would give every process the same batches; use "
+                    "poisson_sampling=True (each process then samples its own shard)"
+                )
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            problems.append(
+                "the module is wrapped in torch.nn.parallel.DistributedDataParallel, whose reducer averages the "
+                "unclipped gradients during backward. Fix: wrap the plain module in dpclip.distributed.DPDDP "
+                "instead; dpclip then adds up the clipped gradients across processes itself"
+            )
         if self._attachment is not None:
             problems.append("this PrivacyEngine is already attached; create one engine per model")
         if not isinstance(module, nn.Module):
@@ -325,6 +350,8 @@ class PrivacyEngine:
             # sampling gets its own stream, seeded from the user's generator: the run then does
             # not depend on when a prefetching loader draws its batches relative to the noise
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            if world_size > 1:  # one stream per process, also when every process got the same seed
+                seed = (seed + rank * 0x9E3779B97F4A7C15) % 2**63
             sample_generator = torch.Generator().manual_seed(seed)
 
         plan = StepPlan()
@@ -335,7 +362,9 @@ class PrivacyEngine:
             unit_of = torch.randint(0, units, (n,), generator=sample_generator) if units > 1 else None
             expected_units = float(units)
         if poisson_sampling:
-            batches = PoissonBatchSampler(n, sample_rate, max(1, len(data_loader)), sample_generator)
+            batches = PoissonBatchSampler(
+                n, sample_rate, max(1, len(data_loader)), sample_generator, rank=rank, world_size=world_size
+            )
         else:
             batches = data_loader.batch_sampler
         loader = _rebuild_loader(data_loader, LogicalBatchSampler(batches, plan, None, unit_of), poisson_sampling)
@@ -347,6 +376,7 @@ class PrivacyEngine:
             sample_rate=sample_rate, expected_units=expected_units,
             unit_factor=2.0 if clipping == "batch" else 1.0, poisson=poisson_sampling, plan=plan, unit_of=unit_of,
             max_epsilon=None if max_epsilon is None else float(max_epsilon), target_delta=target_delta,
+            rank=rank, world_size=world_size,
         )
         if getattr(clip_controller, "keeps_noise_std", False):
             att.fixed_noise_std = sigma * att.sensitivity
@@ -354,8 +384,8 @@ class PrivacyEngine:
 
         self._attachment = att
         if opacus_ghost:
-            return module, optimizer, criterion if criterion is not None else nn.CrossEntropyLoss(), loader
-        return module, optimizer, loader
+            return returned, optimizer, criterion if criterion is not None else nn.CrossEntropyLoss(), loader
+        return returned, optimizer, loader
 
     def make_private_with_epsilon(
         self,
@@ -504,20 +534,36 @@ class PrivacyEngine:
         sigma_grad = gradient_noise_multiplier(sigma, sigma_c)
         noise_cls = noise_module.SecureGaussianNoise if att.secure else GaussianNoise
         full = {p: sums[p] if p in sums else torch.zeros_like(p) for p in att.params}
-        noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
+        if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once
+            distributed.all_reduce_sum_(list(full.values()))
+            if att.rank == 0:
+                noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
+            else:
+                noisy = {p: torch.empty_like(t) for p, t in full.items()}
+            distributed.broadcast_([noisy[p] for p in att.params])
+        else:
+            noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
         for p in att.params:
             p.grad = noisy[p].div_(att.expected_units).to(p.dtype)
         att.clip_history.append(att.clip)
         if att.controller is not None:
             groups = len(att.clip)
             unit_norms = torch.cat(norms) if norms else torch.zeros(0, groups, dtype=torch.float64)
-            stats = release_statistics(
-                att.controller, unit_norms, att.clip, att.expected_units, sigma,
-                lambda s, values, sens: noise_cls(s).add(values, sens, att.generator),
-                histogram_sensitivity=math.sqrt(2.0) if att.clipping == "batch" else 1.0,
-                dimension=sum(p.numel() for p in att.params),
-                noise_std=att.fixed_noise_std or 0.0,
-            )
+            stats = None
+            if att.world_size > 1:  # every process's norms; process 0 privatises, all update alike
+                unit_norms = distributed.all_gather_rows(unit_norms.to(torch.float64))
+            if att.rank == 0:
+                stats = release_statistics(
+                    att.controller, unit_norms, att.clip, att.expected_units, sigma,
+                    lambda s, values, sens: noise_cls(s).add(values, sens, att.generator),
+                    histogram_sensitivity=math.sqrt(2.0) if att.clipping == "batch" else 1.0,
+                    dimension=sum(p.numel() for p in att.params),
+                    noise_std=att.fixed_noise_std or 0.0,
+                )
+            if att.world_size > 1:
+                box = [stats]
+                torch.distributed.broadcast_object_list(box, src=0)
+                stats = box[0]
             att.clip = tuple(float(c) for c in att.controller.update(att.clip, stats))
         if att.poisson:
             self.accountant.step(noise_multiplier=sigma, sample_rate=att.sample_rate)

@@ -36,10 +36,16 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps: batches per epoch (default ``round(1 / q)``: one expected pass over the data).
         generator: an explicit ``torch.Generator`` (seeded by the caller); its state moves
             with every batch, so saving it saves the sampler's position.
+        rank, world_size: sample only the shard ``rank::world_size`` of the indices (one
+            process of a distributed run, :mod:`dpclip.distributed`). Each process samples its
+            own shard independently at ``sample_rate``, so the union over the processes is a
+            Poisson sample of the whole data set at ``sample_rate``: what the accountant
+            models. Each process needs its own generator stream.
     """
 
     def __init__(
-        self, num_samples: int, sample_rate: float, steps: int | None = None, generator: torch.Generator | None = None
+        self, num_samples: int, sample_rate: float, steps: int | None = None, generator: torch.Generator | None = None,
+        *, rank: int = 0, world_size: int = 1,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer (the dataset size); got {num_samples!r}")
@@ -49,18 +55,29 @@ class PoissonBatchSampler(Sampler[list[int]]):
             steps = max(1, round(1.0 / float(sample_rate)))
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise ValueError(f"steps must be a positive integer (batches per epoch); got {steps!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+            raise ValueError(f"world_size must be a positive integer; got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, world_size={world_size}); got {rank!r}")
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.steps = steps
         self.generator = generator if generator is not None else torch.Generator()
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.world_size == 1:
+            for _ in range(self.steps):
+                draws = torch.rand(self.num_samples, generator=self.generator)
+                yield torch.nonzero(draws < self.sample_rate, as_tuple=False).flatten().tolist()
+            return
+        shard = torch.arange(self.rank, self.num_samples, self.world_size)
         for _ in range(self.steps):
-            draws = torch.rand(self.num_samples, generator=self.generator)
-            yield torch.nonzero(draws < self.sample_rate, as_tuple=False).flatten().tolist()
+            draws = torch.rand(len(shard), generator=self.generator)
+            yield shard[draws < self.sample_rate].tolist()
 
 
 @dataclass(frozen=True)
