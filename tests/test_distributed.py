@@ -116,6 +116,40 @@ def _controller(rank: int) -> dict:
     return {"clip_history": engine.clip_history, "params": params, "epsilon": engine.get_epsilon(1e-5)}
 
 
+def _virtual_and_secure(rank: int) -> dict:
+    """Virtual batches (the processes cut their shares into different numbers of pieces) and
+    secure mode (noise from the operating system on process 0 only)."""
+    from dpclip import BatchMemoryManager, PrivacyEngine
+    from dpclip.distributed import DPDDP
+
+    out = {}
+    for name, secure, noise in (("virtual", False, 0.0), ("secure", True, 1.0)):
+        model = DPDDP(_net(seed=0))
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        engine = PrivacyEngine(accountant="rdp", secure_mode=secure)
+        kwargs = {} if secure else {"generator": torch.Generator().manual_seed(3)}
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=DataLoader(_data(), batch_size=BATCH),
+            noise_multiplier=noise, max_grad_norm=CLIP, **kwargs,
+        )
+        batches, pieces = [], 0
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=3, optimizer=opt) as physical:
+            current = []
+            for x, y, idx in physical:
+                current += idx.tolist()
+                pieces += 1
+                F.cross_entropy(model(x), y).backward()
+                steps_before = engine.steps
+                opt.step()
+                opt.zero_grad()
+                if engine.steps > steps_before:
+                    batches.append(current)
+                    current = []
+        out[name] = {"params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+                     "batches": batches, "pieces": pieces, "steps": engine.steps}
+    return out
+
+
 def _refusals(rank: int, tmp: str) -> dict:
     from dpclip import PrivacyEngine
     from dpclip.distributed import DPDDP
@@ -143,7 +177,7 @@ def _worker(rank: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         results = {"exact": _exact(rank), "noise": _noise(rank), "controller": _controller(rank),
-                   "refusals": _refusals(rank, tmp)}
+                   "refusals": _refusals(rank, tmp), "virtual": _virtual_and_secure(rank)}
         torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -164,13 +198,20 @@ def test_sigma_zero_equals_one_process_on_the_union_of_the_shards(ranks):
     # the shards are disjoint and each process only sees its own
     for b0, b1 in zip(r0["batches"], r1["batches"]):
         assert all(i % WORLD == 0 for i in b0) and all(i % WORLD == 1 for i in b1)
-    # replay in one process: per-sample gradients (float64 loop), flat clipping, sum / (q N), SGD
+    model = _replay(r0["initial"], r0["batches"], r1["batches"])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(r0["final"][n], p.detach(), rtol=1e-10, atol=1e-12)
+        assert torch.equal(r0["final"][n], r1["final"][n])
+
+
+def _replay(initial, batches0, batches1):
+    """One process: per-sample gradients (float64 loop), flat clipping, sum / (q N), SGD."""
     model = _net(seed=0)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(r0["initial"][n])
+            p.copy_(initial[n])
     data = _data()
-    for b0, b1 in zip(r0["batches"], r1["batches"]):
+    for b0, b1 in zip(batches0, batches1):
         idx = torch.tensor(sorted(b0 + b1), dtype=torch.long)
         x, y = data.tensors[0][idx], data.tensors[1][idx]
         grads = per_sample_grads_loop(model, lambda out, t: F.cross_entropy(out, t, reduction="sum"), x, y)
@@ -180,9 +221,28 @@ def test_sigma_zero_equals_one_process_on_the_union_of_the_shards(ranks):
             for n, p in model.named_parameters():
                 clipped = torch.tensordot(scale.to(p.dtype), grads[n], dims=1) if len(idx) else torch.zeros_like(p)
                 p -= LR * clipped / BATCH
+    return model
+
+
+def test_virtual_batches_across_processes(ranks):
+    """Each process cuts its share into its own number of pieces; the run still equals the
+    one-process replay, and the processes take the same logical steps."""
+    v0, v1 = ranks[0]["virtual"]["virtual"], ranks[1]["virtual"]["virtual"]
+    assert v0["steps"] == v1["steps"] == len(v0["batches"]) == len(v1["batches"]) == N // BATCH
+    assert v0["pieces"] > v0["steps"] and v1["pieces"] > v1["steps"]
+    initial = {n: p.detach() for n, p in _net(seed=0).named_parameters()}
+    model = _replay(initial, v0["batches"], v1["batches"])
     for n, p in model.named_parameters():
-        torch.testing.assert_close(r0["final"][n], p.detach(), rtol=1e-10, atol=1e-12)
-        assert torch.equal(r0["final"][n], r1["final"][n])
+        torch.testing.assert_close(v0["params"][n], p.detach(), rtol=1e-10, atol=1e-12)
+        assert torch.equal(v0["params"][n], v1["params"][n])
+
+
+def test_secure_mode_noise_is_shared(ranks):
+    s0, s1 = ranks[0]["virtual"]["secure"], ranks[1]["virtual"]["secure"]
+    initial = {n: p.detach() for n, p in _net(seed=0).named_parameters()}
+    for n in s0["params"]:
+        assert torch.equal(s0["params"][n], s1["params"][n])  # one noise draw, broadcast
+        assert not torch.equal(s0["params"][n], initial[n])
 
 
 def test_noise_is_added_once_and_is_the_same_on_every_process(ranks):
