@@ -275,6 +275,40 @@ def test_conv2d_hypothesis(B, groups, k, stride, dilation, padding, mode, bias):
         mp.undo()
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    k=st.tuples(st.integers(5, 8), st.integers(6, 9)),  # C K > 32: the one-channel gather path
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    bias=st.booleans(),
+)
+def test_conv2d_one_input_channel_wide_kernel(B, k, stride, dilation, padding, mode, bias):
+    layer = randomise(nn.Conv2d(1, 3, k, stride=stride, padding=padding, dilation=dilation,
+                                bias=bias, padding_mode=mode))
+    mp = pytest.MonkeyPatch()
+    try:
+        check_layer(layer, randn(B, 1, 19, 21), mp)
+    finally:
+        mp.undo()
+
+
+def test_conv2d_one_input_channel_uses_the_gather_path(monkeypatch):
+    """W2's first layer (1 -> 16, 8x8, stride 2, padding 3): per-sample gradients without the
+    grouped weight-gradient kernel, equal to the oracle."""
+    layer = randomise(nn.Conv2d(1, 4, 8, stride=2, padding=3))
+    x = randn(3, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    y = targets_for(layer, x, gen)
+    oracle = per_sample_grads_loop(layer, sq_loss, x, y)
+    a, g = capture(layer, x, y)
+    monkeypatch.setattr(rules_mod, "_CONV_WEIGHT_GRAD", {})  # the grouped kernel path would KeyError
+    psg = rule_for(layer).per_sample_grads(layer, a, g)
+    torch.testing.assert_close(psg["weight"], oracle["weight"], **TOL)
+
+
 # --------------------------------------------------------------------------- Embedding
 
 
