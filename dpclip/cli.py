@@ -491,9 +491,11 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--clipping", choices=TRAIN_CLIPPINGS, default="flat", help="default: flat")
     train.add_argument("--max-grad-norm", type=_positive, default=0.1, metavar="C",
                        help="clipping bound (per_layer: C / sqrt(layers) per layer; default: 0.1)")
-    train.add_argument("--clip-controller", choices=("none", "quantile"), default="none",
-                       help="quantile: move C towards the median per-sample norm from privatised counts "
-                            "(default: none; adaptive_layerwise clipping always uses quantile)")
+    train.add_argument("--clip-controller", choices=("none", "quantile", "quantile-fixed-total"), default="none",
+                       help="quantile: move C towards the median per-sample norm from privatised counts; "
+                            "quantile-fixed-total: move per-layer thresholds the same way, then rescale them so "
+                            "their root sum of squares stays C (default: none; adaptive_layerwise clipping uses "
+                            "quantile unless told otherwise)")
     train.add_argument("--batch-clip-size", type=_positive_int, metavar="N",
                        help="batch clipping only: expected micro-batch size (default: the whole batch)")
     train.add_argument("--layerwise", action="store_true",

@@ -329,3 +329,20 @@ def test_train_cli_layerwise_and_width(capsys, mnist_dir):
     result = json.loads(out)
     assert result["layerwise"] is True and result["width"] == 4 and result["steps"] == 1
     assert result["batch_clip_size"] == 20 and len(result["clip_thresholds"]) > 1
+
+
+def test_fixed_total_quantile_keeps_the_root_sum_of_squares(mnist_dir):
+    from dpclip.controllers import ClipStatistics
+
+    controller = train_module.FixedTotalQuantile(2.0)
+    assert controller.statistics_noise_multiplier(100) == 5.0  # Quantile's default: units / 20
+    stats = ClipStatistics((0.0, 1.0, 0.5), 100.0, clip=(1.0, 1.0, 1.0))
+    new = controller.update((1.0, 1.0, 1.0), stats)
+    assert math.isclose(math.sqrt(sum(c * c for c in new)), 2.0) and new[0] > new[2] > new[1]
+    folder, _ = mnist_dir
+    result = train(TrainConfig(data_dir=str(folder), model="resnet18", width=4, noise_multiplier=0.5,
+                               train_subset=200, batch_size=100, epochs=1, clipping="adaptive_layerwise",
+                               clip_controller="quantile-fixed-total", max_grad_norm=1.5, lr=0.1, threads=1,
+                               progress=False), log=io.StringIO())
+    thresholds = result["clip_thresholds"]
+    assert len(set(thresholds)) > 1 and math.isclose(math.sqrt(sum(c * c for c in thresholds)), 1.5)

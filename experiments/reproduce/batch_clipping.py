@@ -8,6 +8,8 @@ individual (per-example) clipping cannot use BatchNorm and must use GroupNorm. M
   bc-alc      bc with one threshold per layer moved by dpclip's Quantile controller (privatised counts)
   ic          resnet18 (GroupNorm), clipping flat (per-example, sensitivity C)
   ic-alc      resnet18 (GroupNorm), clipping adaptive_layerwise (per-example, per-layer, Quantile)
+  bc-alc-fixed, ic-alc-fixed   the same with clip controller quantile-fixed-total: per-layer thresholds
+              shaped by the privatised counts, their root sum of squares held at C (closer to the paper's ALC)
   nonprivate  resnet18-bn, sigma = 0 and C = 1e6 (the whole batch is one unit): plain SGD, for scale
 
 Every private cell calibrates sigma for its epsilon (delta 1e-5, PRV) over the planned steps.
@@ -44,7 +46,8 @@ BATCH_CLIP_SIZE = 8  # 64 micro-batch units per step of 512
 
 # lr per method: chosen by the short tune (`tune`, seed 100, epsilon 3, selected on training accuracy,
 # never on the test set; docs/results/batch_clipping.md lists it). The ALC variants use their base lr.
-LR = {"bc": 0.5, "bc-alc": 0.5, "ic": 0.5, "ic-alc": 0.5, "nonprivate": 0.1}
+LR = {"bc": 0.5, "bc-alc": 0.5, "bc-alc-fixed": 0.5, "ic": 0.5, "ic-alc": 0.5, "ic-alc-fixed": 0.5,
+      "nonprivate": 0.1}
 TUNE_LRS = (0.125, 0.5, 2.0)
 TUNE_STEPS = 20
 
@@ -52,13 +55,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "bc": dict(model="resnet18-bn", clipping="batch", batch_clip_size=BATCH_CLIP_SIZE),
     "bc-alc": dict(model="resnet18-bn", clipping="batch", batch_clip_size=BATCH_CLIP_SIZE, layerwise=True,
                    clip_controller="quantile"),
+    "bc-alc-fixed": dict(model="resnet18-bn", clipping="batch", batch_clip_size=BATCH_CLIP_SIZE, layerwise=True,
+                         clip_controller="quantile-fixed-total"),
     "ic": dict(model="resnet18", clipping="flat"),
     "ic-alc": dict(model="resnet18", clipping="adaptive_layerwise"),
+    "ic-alc-fixed": dict(model="resnet18", clipping="adaptive_layerwise", clip_controller="quantile-fixed-total"),
     "nonprivate": dict(model="resnet18-bn", clipping="batch", max_grad_norm=1e6),
 }
-LABELS = {"bc": "BC (BatchNorm)", "bc-alc": "BC + ALC (BatchNorm)", "ic": "IC (GroupNorm)",
-          "ic-alc": "IC + ALC (GroupNorm)", "nonprivate": "non-private (BatchNorm)"}
+LABELS = {"bc": "BC (BatchNorm)", "bc-alc": "BC + ALC (BatchNorm)", "bc-alc-fixed": "BC + ALC, fixed total (BatchNorm)",
+          "ic": "IC (GroupNorm)", "ic-alc": "IC + ALC (GroupNorm)", "ic-alc-fixed": "IC + ALC, fixed total (GroupNorm)",
+          "nonprivate": "non-private (BatchNorm)"}
 EPSILONS = (3.0, 8.0)
+MAIN = ("bc", "bc-alc", "ic", "ic-alc", "nonprivate")  # the grid's default methods
 
 
 def cell_name(method: str, epsilon: float | None, seed: int) -> str:
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=1)
     g = sub.add_parser("grid", help="every cell not done yet, seed by seed")
     g.add_argument("--seeds", type=int, nargs="+", default=[0])
-    g.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    g.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(MAIN))
     g.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS))
     g.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("tune", help=f"lr in {TUNE_LRS} for bc and ic, epsilon 3, seed 100, {TUNE_STEPS} steps")
