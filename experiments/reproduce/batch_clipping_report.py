@@ -118,9 +118,12 @@ def comparisons(rows: list[dict[str, Any]]) -> list[str]:
         for base in ("bc", "ic"):
             fixed, plain = got[f"{base}-alc-fixed"], got[base]
             if fixed and plain:
+                d = fixed['acc_mean'] - plain['acc_mean']
+                spread = plain["acc_std"]
+                note = (f", within twice {bc.LABELS[base]}'s seed-to-seed std ({spread:.2f}): no clear difference"
+                        if not math.isnan(spread) and abs(d) < 2 * spread else "")
                 lines.append(f"  {bc.LABELS[fixed['method']]}: {fixed['acc_mean']:.2f}% ({fixed['n']} seed"
-                             f"{'s' if fixed['n'] > 1 else ''}), {fixed['acc_mean'] - plain['acc_mean']:+.2f} points "
-                             f"against {bc.LABELS[base]}.")
+                             f"{'s' if fixed['n'] > 1 else ''}), {d:+.2f} points against {bc.LABELS[base]}{note}.")
     chance = 10.0
     for method in ("bc", "bc-alc", "bc-alc-fixed"):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target_epsilon"])
