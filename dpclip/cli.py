@@ -532,7 +532,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, lr_schedule=args.lr_schedule, pixels=args.pixels, momentum=args.momentum,
         optimizer=args.optimizer, clipping=args.clipping,
         max_grad_norm=args.max_grad_norm, clip_controller=args.clip_controller,
-        batch_clip_size=args.batch_clip_size, layerwise=args.layerwise, width=args.width, accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
+        batch_clip_size=args.batch_clip_size, layerwise=args.layerwise, width=args.width,
+        accountant=args.accountant, seed=args.seed, max_steps=args.max_steps,
         train_subset=args.train_subset, threads=args.threads, out=args.out, progress=args.progress,
     )
     try:

@@ -558,7 +558,8 @@ def _run(cfg: TrainConfig, threads: int, log: TextIO,
     start = time.perf_counter()
     s = _prepare(cfg, _generators(cfg.seed))
     print(f"dpclip train: {cfg.dataset} ({s.train_size} train / {len(s.test_set)} test), model {cfg.model} "
-          f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, {s.steps_per_epoch} steps/epoch, "
+          f"({count_parameters(s.model)} parameters), expected batch {cfg.batch_size}, "
+          f"{s.steps_per_epoch} steps/epoch, "
           f"{threads} thread{'s' if threads != 1 else ''}", file=log, flush=True)
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:

@@ -249,7 +249,8 @@ def render(rows: list[dict[str, Any]], tune: list[dict[str, Any]], png_name: str
         "thresholds move from *privatised* counts of the units (examples for IC, micro-batches for BC) whose layer "
         "norm is below the layer's threshold, with Gaussian noise of std σ_c·sqrt(L) (σ_c = units per step / 20), "
         "and that release shares the step's budget (the gradient's noise multiplier rises to "
-        f"(σ⁻² − σ_c⁻²)^(-1/2); docs/controllers.md). The ε in the tables includes it. With {c['batch_size'] // bc.BATCH_CLIP_SIZE} units per step the "
+        "(σ⁻² − σ_c⁻²)^(-1/2); docs/controllers.md). The ε in the tables includes it. "
+        f"With {c['batch_size'] // bc.BATCH_CLIP_SIZE} units per step the "
         f"BC counts are far noisier (as a fraction) than IC's counts over {c['batch_size']} examples. The paper also "
         "fixes the scale: its C_l = C·‖∇_l‖ / max_k ‖∇_k‖ are set by C and the layers' relative gradient norms; "
         "dpclip's plain Quantile ALC moves each C_l on its own toward the layer's median norm, so the total (and "
@@ -262,7 +263,8 @@ def render(rows: list[dict[str, Any]], tune: list[dict[str, Any]], png_name: str
         f"{', '.join(map(str, seeds))}{'; a single value where n = 1' if 1 in counts else ''}). "
         "ε is the PRV upper bound spent by the run (the largest over seeds); σ is the accountant's noise multiplier. "
         "'noise / C' is the std of the noise on one coordinate of the averaged update relative to the threshold: "
-        f"σ/B for IC, 2σ/U for BC (B = {c['batch_size']} examples, U = {c['batch_size'] // bc.BATCH_CLIP_SIZE} units).",
+        f"σ/B for IC, 2σ/U for BC (B = {c['batch_size']} examples, "
+        f"U = {c['batch_size'] // bc.BATCH_CLIP_SIZE} units).",
         "",
         "| method | model | target ε | ε spent | σ | noise / C | lr | test acc (%) | train acc (%) | n | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
