@@ -432,6 +432,10 @@ def report(folder: Path = RESULTS, md: Path = REPORT_MD, png: Path = REPORT_PNG)
     if not runs:
         raise SystemExit(f"no runs in {folder}; run the train subcommand first")
     table = report_table(summarise(runs))
+    quiet = load_runs(folder / "quiet") if (folder / "quiet").is_dir() else []
+    if quiet:
+        table += ("\n\nShort runs on a quiet machine (`quiet/`; the 1-minute load average is at the start of each run):"
+                  "\n\n" + report_table(summarise(quiet)))
     ref_path = folder / REFERENCE
     if ref_path.is_file():
         table += "\n\n" + reference_table(json.loads(ref_path.read_text(encoding="utf-8")))
