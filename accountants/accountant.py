@@ -150,6 +150,14 @@ class _Accountant(abc.ABC):
         epsilon = check_epsilon(epsilon)
         return self._cached(("delta", epsilon), lambda: self._delta(epsilon))
 
+    def get_privacy_spent(self, *, delta: float) -> tuple[float, float | None]:
+        """Opacus's name: ``(epsilon, best Renyi order)`` for RDP, ``(epsilon, None)`` for PRV.
+
+        Opacus's ``examples/mnist.py`` prints ``engine.accountant.get_privacy_spent(delta=...)``
+        after every epoch; the same line runs here. :meth:`get_epsilon` is the dpclip name.
+        """
+        return self.get_epsilon(delta), None
+
     def _cached(self, key: tuple[str, float], compute: Any) -> Any:
         if key not in self._cache:
             if len(self._cache) >= _CACHE_SIZE:
@@ -316,6 +324,30 @@ class RDPAccountant(_Accountant):
 
     def _event_epsilon(self, event: ComposedEvent, delta: float) -> float:
         return float(rdp_to_epsilon(self._orders, self._rdp(event), delta)[0])
+
+    def get_privacy_spent(self, *, delta: float, orders: Sequence[float] | None = None,
+                          alphas: Sequence[float] | None = None) -> tuple[float, float | None]:
+        """``(epsilon, best order)`` at ``delta``, as Opacus's ``RDPAccountant.get_privacy_spent``.
+
+        ``orders`` (Opacus: ``alphas``) overrides this accountant's orders for this query only.
+        The best order is None when no noisy step was taken (epsilon 0 or infinite).
+        """
+        delta = check_delta(delta)
+        grid = orders if orders is not None else alphas
+        event, p_leak = self._split()
+        if grid is None:
+            eps = self.get_epsilon(delta)
+            if event is None or p_leak > 0:
+                return eps, None
+            return eps, float(rdp_to_epsilon(self._orders, self._rdp(event), delta)[1])
+        values = tuple(_real("orders[i]", a) for a in grid)
+        if event is None:
+            return 0.0, None
+        if p_leak > 0:
+            return math.inf, None
+        rdp = np.asarray(compute_rdp(event, values, fractional=self._fractional), dtype=float)
+        eps, order = rdp_to_epsilon(values, rdp, delta)
+        return float(eps), float(order)
 
     def _event_delta(self, event: ComposedEvent, epsilon: float) -> float:
         return float(rdp_to_delta(self._orders, self._rdp(event), epsilon)[0])

@@ -352,3 +352,27 @@ def test_rdp_exact_fractional_orders_are_tighter_and_round_trip():
     assert again.fractional == "exact" and again.get_epsilon(DELTA) == exact.get_epsilon(DELTA)
     with pytest.raises(ValueError, match="fractional"):
         RDPAccountant(fractional="fast")
+
+
+def test_get_privacy_spent_is_opacus_compatible():
+    """Opacus's examples print accountant.get_privacy_spent(delta=...): same call, same numbers."""
+    from accountants import PRVAccountant, RDPAccountant
+
+    rdp = RDPAccountant()
+    assert rdp.get_privacy_spent(delta=1e-5) == (0.0, None)
+    rdp.step(noise_multiplier=1.1, sample_rate=0.004, steps=2500)
+    eps, order = rdp.get_privacy_spent(delta=1e-5)
+    assert eps == rdp.get_epsilon(1e-5) and order in rdp.orders
+    # Opacus's own RDP accountant on the same history (test-only dependency)
+    opacus_rdp = pytest.importorskip("opacus.accountants").RDPAccountant()
+    opacus_rdp.history = [(1.1, 0.004, 2500)]
+    o_eps, o_alpha = opacus_rdp.get_privacy_spent(delta=1e-5)
+    assert eps == pytest.approx(o_eps, rel=1e-9)
+    # a custom order grid, as Opacus's alphas=
+    eps_grid, best = rdp.get_privacy_spent(delta=1e-5, alphas=[2, 4, 8, 16, 32])
+    assert best in (2, 4, 8, 16, 32) and eps_grid >= eps
+    o_eps_grid, o_best = opacus_rdp.get_privacy_spent(delta=1e-5, alphas=[2, 4, 8, 16, 32])
+    assert eps_grid == pytest.approx(o_eps_grid, rel=1e-9) and best == o_best
+    prv = PRVAccountant()
+    prv.step(noise_multiplier=1.1, sample_rate=0.004, steps=2500)
+    assert prv.get_privacy_spent(delta=1e-5) == (prv.get_epsilon(1e-5), None)
