@@ -240,7 +240,7 @@ def render(rows: list[dict[str, Any]], tune: list[dict[str, Any]], png_name: str
         "(σ times that total) is then fixed and only its split across layers adapts; each layer's threshold settles at "
         "a common quantile of its own norm distribution. Rescaling is post-processing of the noisy counts (no extra "
         "privacy cost). This variant was added after the first ALC runs showed the thresholds' total drifting "
-        "upwards (below); it ran on fewer seeds.",
+        "upwards (below); the n column gives its seeds.",
         "- Compute: a shared 2-core CPU (other jobs running), 1 torch thread per run under `nice -n 10`; the seconds "
         "column is wall time under that load, not a speed benchmark.",
         "",
@@ -294,6 +294,10 @@ def render(rows: list[dict[str, Any]], tune: list[dict[str, Any]], png_name: str
         "statistics are kept, since they would leak private data without noise), while training normalises units of "
         f"about {bc.BATCH_CLIP_SIZE} images.",
         "- **Hyper-parameters** were not tuned per ε or per ALC variant (below).",
+        "- **Reproducibility.** A cell is deterministic for a given code version (explicit generators from the "
+        "seed), but these cells ran over about an hour while other parts of dpclip (per-sample gradient rules, "
+        "noise drawing) were being changed in the same checkout, so rerunning a cell today can differ at the "
+        "float level and, through training's sensitivity to such differences, by a fraction of a point.",
         "",
         "## Hyper-parameters and the short tune",
         "",
@@ -329,6 +333,8 @@ def render(rows: list[dict[str, Any]], tune: list[dict[str, Any]], png_name: str
         "",
         "```",
         "nice -n 10 .venv/bin/python experiments/reproduce/batch_clipping.py grid --seeds 0 1 2",
+        "nice -n 10 .venv/bin/python experiments/reproduce/batch_clipping.py grid --seeds 0 1 2 "
+        "--methods bc-alc-fixed ic-alc-fixed",
         ".venv/bin/python experiments/reproduce/batch_clipping_report.py",
         "```",
         "",
