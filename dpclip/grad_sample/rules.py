@@ -309,6 +309,38 @@ _PSG_CHUNK = 32  # samples per weight-gradient kernel call (measured on 2 CPU th
 _UNFOLD_MAX_D = 32  # inputs per group and kernel offsets up to which unfold + bmm is faster
 
 
+def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, device: torch.device) -> list:
+    """``[fn(i, min(i + chunk, batch)) for i in range(0, batch, chunk)]``, in that order.
+
+    On a CPU with several torch threads the chunks run concurrently, one single-threaded chunk
+    per core (the calling thread takes the first share): torch's grouped conv weight-gradient
+    kernel, which the per-sample paths call on a few samples at a time, scales badly across
+    threads on such small problems (W2's 16->32 layer: 4.4 ms on one thread, 6.6 ms on two;
+    docs/design.md E15). The thread count is restored afterwards; values do not depend on it.
+    """
+    starts = list(range(0, batch, chunk))
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or len(starts) <= 1:
+        return [fn(i, min(i + chunk, batch)) for i in starts]
+    from ..noise import _helper_pool
+
+    workers = min(threads, len(starts))
+    bounds = [len(starts) * j // workers for j in range(workers + 1)]
+
+    def run(lo: int, hi: int) -> list:
+        torch.set_num_threads(1)
+        return [fn(starts[k], min(starts[k] + chunk, batch)) for k in range(lo, hi)]
+
+    try:
+        futures = [_helper_pool().submit(run, bounds[j], bounds[j + 1]) for j in range(1, workers)]
+        out = run(bounds[0], bounds[1])
+        for future in futures:
+            out.extend(future.result())
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
     """Per-sample weight gradients ``[B, *weight.shape]`` without a per-sample loop.
 
@@ -355,9 +387,10 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
         w = torch.bmm(g.reshape(B, O, Lh * Lw), a)  # [B, O, K]
         return w.view(B, *module.weight.shape)
     weight_grad = _CONV_WEIGHT_GRAD[n]
-    for i in range(0, B, _PSG_CHUNK):
-        xb, gb = x[i : i + _PSG_CHUNK], g[i : i + _PSG_CHUNK]
-        m = xb.shape[0]
+
+    def chunk(i: int, j: int) -> None:
+        xb, gb = x[i:j], g[i:j]
+        m = j - i
         w = weight_grad(
             xb.reshape(1, m * C, *xb.shape[2:]),
             (m * O, C // G, *k),
@@ -367,7 +400,9 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
             dilation=module.dilation,
             groups=m * G,
         )
-        out[i : i + m] = w.view(m, *module.weight.shape)
+        out[i:j] = w.view(m, *module.weight.shape)
+
+    _map_chunks(chunk, B, _PSG_CHUNK, x.device)
     return out
 
 
@@ -423,12 +458,11 @@ def _conv_sq(module, activations, backprops) -> Grads:
             out["weight"] = _ghost_sq(a2, g2).reshape(B, G).sum(1)
         else:
             # per-sample gradients for the norm only, a few samples at a time
-            step = _PSG_CHUNK
             out["weight"] = torch.cat(
-                [
-                    _sq(_conv_weight_psg(module, activations[i : i + step], backprops[i : i + step]))
-                    for i in range(0, B, step)
-                ]
+                _map_chunks(
+                    lambda i, j: _sq(_conv_weight_psg(module, activations[i:j], backprops[i:j])),
+                    B, _PSG_CHUNK, activations.device,
+                )
             ) if B else activations.new_zeros(0)
     if _trainable(module, "bias"):
         out["bias"] = _sq(_conv_bias_grad(backprops).to(activations.dtype))
