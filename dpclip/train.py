@@ -51,7 +51,7 @@ from .data import DATASETS, load_dataset
 from .models import MODELS, build_model, count_parameters
 
 __all__ = ["TrainConfig", "train", "evaluate", "check_config", "random_subset", "make_optimizer", "default_threads",
-           "layer_bounds", "FixedTotalQuantile", "METRIC_FIELDS"]
+           "layer_bounds", "METRIC_FIELDS"]
 
 OPTIMIZERS = ("sgd", "adam")
 CLIPPINGS = ("flat", "per_layer", "automatic", "batch", "adaptive_layerwise")
@@ -72,7 +72,7 @@ class TrainConfig:
     moves it towards the median per-sample norm from privatised counts (Andrew et al. 2021;
     ``adaptive_layerwise`` uses it by default); ``"quantile-fixed-total"`` moves per-layer thresholds
     the same way, then rescales them so that ``sqrt(sum_l C_l^2)`` stays ``max_grad_norm``
-    (:class:`FixedTotalQuantile`). ``batch_clip_size``: ``batch`` clipping only,
+    (``dpclip.controllers.Quantile(keep_total=max_grad_norm)``). ``batch_clip_size``: ``batch`` clipping only,
     the expected micro-batch size (default: the whole batch is one unit). ``layerwise``:
     ``batch`` clipping only, one threshold per layer (module with its own trainable
     parameters), each ``max_grad_norm / sqrt(L)``, so the unit's sensitivity is still
@@ -192,37 +192,6 @@ def random_subset(dataset: TensorDataset, n: int | None, generator: torch.Genera
         raise ValueError(f"train_subset={n} is larger than the training set ({total} examples); use at most {total}")
     index = torch.randperm(total, generator=generator)[:n]
     return TensorDataset(*(t[index] for t in dataset.tensors))
-
-
-@dataclass(frozen=True)
-class FixedTotalQuantile:
-    """Per-layer thresholds shaped by :class:`dpclip.Quantile`'s privatised counts, their total held at ``total``.
-
-    After the Quantile update the thresholds are rescaled so that ``sqrt(sum_l C_l^2) == total``:
-    the noise (``sigma`` times that total) stays fixed, and only its split across layers adapts,
-    each layer's threshold settling at the same quantile of its own norm distribution. This is
-    post-processing of the noisy counts, so it costs nothing beyond Quantile's release. It is the
-    private analogue of Nguyen et al.'s (2023) ALC, whose ``C_l`` are proportional to the layers'
-    gradient norms on a public surrogate set with the scale set by ``C``; here the layers' norms
-    are read from the private data through noisy counts instead.
-    """
-
-    total: float
-    target_unclipped_quantile: float = 0.5
-    learning_rate: float = 0.2
-
-    def __post_init__(self) -> None:
-        from .controllers import Quantile
-
-        object.__setattr__(self, "_inner", Quantile(self.target_unclipped_quantile, self.learning_rate))
-
-    def statistics_noise_multiplier(self, expected_units: float) -> float | None:
-        return self._inner.statistics_noise_multiplier(expected_units)  # type: ignore[attr-defined]
-
-    def update(self, clip: Any, stats: Any) -> tuple[float, ...]:
-        moved = self._inner.update(clip, stats)  # type: ignore[attr-defined]
-        norm = math.sqrt(sum(c * c for c in moved))
-        return tuple(c * self.total / norm for c in moved)
 
 
 def layer_bounds(model: nn.Module, max_grad_norm: float) -> dict[str, float]:
@@ -440,7 +409,9 @@ def _prepare(cfg: TrainConfig, gens: dict[str, torch.Generator]) -> _Setup:
 
         common["clip_controller"] = Quantile()
     elif cfg.clip_controller == "quantile-fixed-total":
-        common["clip_controller"] = FixedTotalQuantile(cfg.max_grad_norm)
+        from .controllers import Quantile
+
+        common["clip_controller"] = Quantile(keep_total=cfg.max_grad_norm)
     if cfg.batch_clip_size is not None:
         common["batch_clip_size"] = cfg.batch_clip_size
     if cfg.target_epsilon is not None:

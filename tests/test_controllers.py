@@ -257,3 +257,17 @@ def test_multi_objective_keeps_learning_when_the_noise_dominates():
         stats = release_statistics(mo, norms, clip, 200.0, 1.15, _exact, dimension=50_890)
         clip = mo.update(clip, stats)
     assert 0.3 < clip[0] < 3.0  # it settles at the scale of the norms (median 1)
+
+
+def test_quantile_keep_total_fixes_the_root_sum_of_squares():
+    """keep_total: the same geometric moves, then one common rescaling (post-processing)."""
+    from dpclip.controllers import ClipStatistics, Quantile
+
+    stats = ClipStatistics((0.0, 1.0, 0.5), 100.0, clip=(1.0, 2.0, 0.5))
+    free = Quantile().update((1.0, 2.0, 0.5), stats)
+    kept = Quantile(keep_total=3.0).update((1.0, 2.0, 0.5), stats)
+    assert math.isclose(math.sqrt(sum(c * c for c in kept)), 3.0)
+    ratio = [k / f for k, f in zip(kept, free)]
+    assert max(ratio) - min(ratio) < 1e-12  # the split across layers is the free rule's
+    with pytest.raises(ValueError, match="keep_total"):
+        Quantile(keep_total=0.0)

@@ -334,7 +334,9 @@ def test_train_cli_layerwise_and_width(capsys, mnist_dir):
 def test_fixed_total_quantile_keeps_the_root_sum_of_squares(mnist_dir):
     from dpclip.controllers import ClipStatistics
 
-    controller = train_module.FixedTotalQuantile(2.0)
+    from dpclip.controllers import Quantile
+
+    controller = Quantile(keep_total=2.0)
     assert controller.statistics_noise_multiplier(100) == 5.0  # Quantile's default: units / 20
     stats = ClipStatistics((0.0, 1.0, 0.5), 100.0, clip=(1.0, 1.0, 1.0))
     new = controller.update((1.0, 1.0, 1.0), stats)

@@ -235,7 +235,7 @@ def render(rows: list[dict[str, Any]], tune: list[dict[str, Any]], png_name: str
         "moved after every step by dpclip's `Quantile` controller (target unclipped fraction 0.5, geometric "
         "learning rate 0.2; Andrew et al. 2021). BC + ALC is `dpclip train --clipping batch --layerwise "
         "--clip-controller quantile`; IC + ALC is `--clipping adaptive_layerwise`.",
-        "- ALC, fixed total (`--clip-controller quantile-fixed-total`, `dpclip.train.FixedTotalQuantile`): the same "
+        "- ALC, fixed total (`--clip-controller quantile-fixed-total`, `dpclip.controllers.Quantile(keep_total=C)`): the same "
         "privatised Quantile update per layer, then all thresholds rescaled so that sqrt(Σ_l C_l²) stays C. The noise "
         "(σ times that total) is then fixed and only its split across layers adapts; each layer's threshold settles at "
         "a common quantile of its own norm distribution. Rescaling is post-processing of the noisy counts (no extra "
