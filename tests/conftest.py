@@ -7,11 +7,16 @@
 
 Markers (declared in pyproject.toml): ``slow`` and ``reference`` (compares against
 dp-accounting, prv-accountant or opacus).
+
+Fixture ``one_thread``: one torch thread for the test (restored afterwards); modules that train
+small models use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -31,3 +36,15 @@ else:
     settings.load_profile(
         os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Small models on a shared CPU: one torch thread is faster and steadier than a contended pool."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

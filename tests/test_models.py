@@ -9,13 +9,7 @@ from torch import nn
 from dpclip.models import Cifar10CNN, MnistCNN, ResNet18, build_model, count_parameters, init_parameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one torch thread is faster and steadier than a contended pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mnist_cnn_shapes_and_size():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import pathlib
 
@@ -11,15 +10,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.scripts import load_script
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "reproduce" / "lipschitz_clip.py"
 
 
 @pytest.fixture(scope="module")
 def lc():
-    spec = importlib.util.spec_from_file_location("lipschitz_clip", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "lipschitz_clip")
 
 
 def _autograd_norms(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

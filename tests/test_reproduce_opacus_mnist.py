@@ -5,7 +5,6 @@ A couple of steps on small synthetic tensors (no MNIST needed), so this takes se
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from tests.scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reproduce" / "opacus_mnist.py"
 
 
 @pytest.fixture(scope="module")
 def om():
-    spec = importlib.util.spec_from_file_location("opacus_mnist_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "opacus_mnist_script")
 
 
 def _data(n: int, seed: int) -> TensorDataset:

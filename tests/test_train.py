@@ -27,13 +27,7 @@ from tests.data_files import real_mnist, synthetic_arrays, write_idx_folder
 N_TRAIN, N_TEST = 1000, 500
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one torch thread is faster and steadier than a contended pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
