@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
         result = {"rank": rank, "world_size": world, "steps": engine.steps, "test_accuracy": accuracy,
                   "epsilon": engine.get_epsilon(1e-5), "delta": 1e-5, "parameter_checksum": checksum}
-        print(json.dumps(result), flush=True)
+        for r in range(world):  # one line per process, in rank order (no interleaved output)
+            if r == rank:
+                print(json.dumps(result), flush=True)
+            dist.barrier()
         return result
     finally:
         dist.destroy_process_group()
