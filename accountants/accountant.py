@@ -335,18 +335,15 @@ class RDPAccountant(_Accountant):
         delta = check_delta(delta)
         grid = orders if orders is not None else alphas
         event, p_leak = self._split()
-        if grid is None:
-            eps = self.get_epsilon(delta)
-            if event is None or p_leak > 0:
-                return eps, None
-            return eps, float(rdp_to_epsilon(self._orders, self._rdp(event), delta)[1])
-        values = tuple(_real("orders[i]", a) for a in grid)
         if event is None:
             return 0.0, None
         if p_leak > 0:
             return math.inf, None
-        rdp = np.asarray(compute_rdp(event, values, fractional=self._fractional), dtype=float)
-        eps, order = rdp_to_epsilon(values, rdp, delta)
+        if grid is None:  # this accountant's orders: the cached RDP vector get_epsilon uses
+            eps, order = rdp_to_epsilon(self._orders, self._rdp(event), delta)
+        else:
+            values = tuple(_real("orders[i]", a) for a in grid)
+            eps, order = rdp_to_epsilon(values, compute_rdp(event, values, fractional=self._fractional), delta)
         return float(eps), float(order)
 
     def _event_delta(self, event: ComposedEvent, epsilon: float) -> float:

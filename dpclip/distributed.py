@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DPDDP", "DifferentiallyPrivateDistributedDataParallel", "all_gather_rows", "all_reduce_sum_",
-           "broadcast_", "is_distributed_module", "world"]
+           "broadcast_", "world"]
 
 
 class DPDDP(nn.Module):
@@ -74,10 +74,6 @@ class DPDDP(nn.Module):
 
 
 DifferentiallyPrivateDistributedDataParallel = DPDDP  # Opacus's name
-
-
-def is_distributed_module(module: nn.Module) -> bool:
-    return isinstance(module, DPDDP)
 
 
 def world() -> tuple[int, int]:

@@ -35,14 +35,14 @@ import math
 import numbers
 import os
 import secrets
-import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, localcontext
 from fractions import Fraction
 
 import torch
+
+from ._pool import helper_pool
 
 __all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "fill_normal", "secure_generator"]
 
@@ -183,23 +183,6 @@ class GaussianNoise:
 NOISE_CHUNK = 1 << 16
 """Numbers per independently seeded piece of a large CPU draw (:func:`fill_normal`)."""
 
-_POOL_LOCK = threading.Lock()
-_POOL: dict[str, object] = {}  # {"pid": int, "pool": ThreadPoolExecutor}: reused across steps
-
-
-def _helper_pool() -> ThreadPoolExecutor:
-    """A process-wide thread pool for the noise draw, recreated after ``fork``.
-
-    It holds threads only, no state that affects a result: which thread fills which piece
-    does not change any value (each piece has its own seed)."""
-    with _POOL_LOCK:
-        if _POOL.get("pid") != os.getpid():
-            _POOL["pool"] = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                               thread_name_prefix="dpclip-noise")
-            _POOL["pid"] = os.getpid()
-        return _POOL["pool"]  # type: ignore[return-value]
-
-
 def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """Fill the 1-D tensor ``flat`` in place with i.i.d. ``N(0, std^2)`` from ``generator``.
 
@@ -227,7 +210,7 @@ def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> t
 
     workers = max(1, min(torch.get_num_threads(), pieces))
     bounds = [pieces * j // workers for j in range(workers + 1)]
-    futures = [_helper_pool().submit(fill, bounds[j], bounds[j + 1]) for j in range(1, workers)]
+    futures = [helper_pool().submit(fill, bounds[j], bounds[j + 1]) for j in range(1, workers)]
     fill(bounds[0], bounds[1])
     for future in futures:
         future.result()

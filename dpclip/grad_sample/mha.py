@@ -80,22 +80,19 @@ def _merged_mask(args: dict, B: int, H: int, L: int, S: int, dtype: torch.dtype)
     if attn_mask is None and args.get("is_causal"):
         attn_mask = torch.ones(L, S, dtype=torch.bool, device=args["query"].device).triu(1)
     if attn_mask is not None:
-        m = attn_mask
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
-        else:
-            m = m.to(dtype)
-        m = m.view(1, 1, L, S) if m.dim() == 2 else m.view(B, H, L, S)
-        mask = m
+        m = _additive(attn_mask, dtype)
+        mask = m.view(1, 1, L, S) if m.dim() == 2 else m.view(B, H, L, S)
     if kpm is not None:
-        k = kpm
-        if k.dtype == torch.bool:
-            k = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill_(k, float("-inf"))
-        else:
-            k = k.to(dtype)
-        k = k.view(B, 1, 1, S)
+        k = _additive(kpm, dtype).view(B, 1, 1, S)
         mask = k if mask is None else mask + k
     return mask
+
+
+def _additive(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask as an additive float mask: ``True`` (masked out) -> ``-inf``; float masks as given."""
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
+    return m.to(dtype)
 
 
 def expand(module: nn.MultiheadAttention, inputs: tuple, kwargs: dict, grad_out: torch.Tensor) -> list[Piece]:

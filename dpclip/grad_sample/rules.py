@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._pool import helper_pool
+
 __all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
 
 Grads = dict[str, torch.Tensor]
@@ -322,8 +324,6 @@ def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, 
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1 or len(starts) <= 1:
         return [fn(i, min(i + chunk, batch)) for i in starts]
-    from ..noise import _helper_pool
-
     workers = min(threads, len(starts))
     bounds = [len(starts) * j // workers for j in range(workers + 1)]
 
@@ -332,7 +332,7 @@ def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, 
         return [fn(starts[k], min(starts[k] + chunk, batch)) for k in range(lo, hi)]
 
     try:
-        futures = [_helper_pool().submit(run, bounds[j], bounds[j + 1]) for j in range(1, workers)]
+        futures = [helper_pool().submit(run, bounds[j], bounds[j + 1]) for j in range(1, workers)]
         out = run(bounds[0], bounds[1])
         for future in futures:
             out.extend(future.result())
