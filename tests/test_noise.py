@@ -532,3 +532,69 @@ def test_fill_normal_large_draw_is_iid_standard_normal():
     cdf = 0.5 * (1 + torch.erf(s / math.sqrt(2)))
     emp = torch.arange(1, n + 1, dtype=torch.float64) / n
     assert (cdf - emp).abs().max().item() < 1.63 / math.sqrt(n)  # the 1% critical value
+
+
+# ----------------------------------------------------------------------------- NormalPrefetch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("std", [1.0, 0.37, 2.5])
+def test_prefetched_draw_equals_drawing_now_bit_for_bit(dtype, std):
+    from dpclip.noise import NOISE_CHUNK, NormalPrefetch, fill_normal
+
+    n = 3 * NOISE_CHUNK + 17
+    sync_gen = torch.Generator().manual_seed(4)
+    want = fill_normal(torch.empty(n, dtype=dtype), std, sync_gen)
+    gen = torch.Generator().manual_seed(4)
+    prefetch = NormalPrefetch(gen)
+    prefetch.start(n, dtype)
+    assert prefetch.pending
+    got = prefetch.take(n, dtype, std)
+    assert not prefetch.pending
+    assert torch.equal(got, want)
+    # the generator moved exactly as the synchronous draw moved it
+    assert torch.equal(gen.get_state(), sync_gen.get_state())
+
+
+def test_prefetch_cancel_and_mismatch_put_the_generator_back():
+    from dpclip.noise import NOISE_CHUNK, NormalPrefetch
+
+    n = 2 * NOISE_CHUNK + 1
+    gen = torch.Generator().manual_seed(8)
+    before = gen.get_state()
+    prefetch = NormalPrefetch(gen)
+    prefetch.start(n, torch.float32)
+    assert not torch.equal(gen.get_state(), before)  # the seeds were drawn
+    assert torch.equal(prefetch.generator_state(), before)  # a checkpoint holds the state before them
+    prefetch.cancel()
+    assert torch.equal(gen.get_state(), before) and not prefetch.pending
+    prefetch.start(n, torch.float32)
+    assert prefetch.take(n + 1, torch.float32, 1.0) is None  # another size: cancelled
+    assert torch.equal(gen.get_state(), before)
+    prefetch.start(n, torch.float32)
+    assert prefetch.take(n, torch.float64, 1.0) is None  # another dtype: cancelled
+    assert torch.equal(gen.get_state(), before)
+    prefetch.start(NOISE_CHUNK, torch.float32)  # small draws are drawn when asked, not ahead
+    assert not prefetch.pending and torch.equal(gen.get_state(), before)
+
+
+def test_gaussian_noise_with_prefetch_equals_without():
+    """Several dtypes (the first group prefetched, the second drawn now), and std = 0 (no draw:
+    the pending one is cancelled)."""
+    from dpclip.noise import NOISE_CHUNK, NormalPrefetch
+
+    sums = {
+        "a": torch.randn(NOISE_CHUNK, 2),
+        "b": torch.randn(5, dtype=torch.float64),
+        "c": torch.randn(NOISE_CHUNK + 3),
+    }
+    want = GaussianNoise(1.3).add(sums, 0.5, torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    prefetch = NormalPrefetch(gen)
+    prefetch.start(3 * NOISE_CHUNK + 3, torch.float32)
+    got = GaussianNoise(1.3).add(sums, 0.5, gen, prefetch)
+    assert all(torch.equal(got[k], want[k]) for k in sums)
+    before = gen.get_state()
+    prefetch.start(3 * NOISE_CHUNK + 3, torch.float32)
+    same = GaussianNoise(0.0).add(sums, 0.5, gen, prefetch)
+    assert all(torch.equal(same[k], sums[k]) for k in sums) and torch.equal(gen.get_state(), before)
+    with pytest.raises(ValueError, match="another generator"):
+        GaussianNoise(1.0).add(sums, 1.0, torch.Generator(), prefetch)

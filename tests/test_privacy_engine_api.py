@@ -327,3 +327,60 @@ def test_secure_mode_trains_and_keeps_its_randomness_out_of_checkpoints():
     ratio = released / plan.grid
     assert torch.allclose(ratio, ratio.round(), rtol=1e-6, atol=1e-9)
     assert float(ratio.abs().max()) > 100  # a fine grid: the check above is not trivially met
+
+
+def test_noise_drawn_ahead_keeps_runs_and_checkpoints_exact():
+    """The next step's noise is drawn on a helper thread (design P9) for models above
+    NOISE_CHUNK parameters. Saving and reloading the engine's state while such a draw is
+    pending continues exactly as the uninterrupted run, and each step's noise is the
+    synchronous draw from the engine's generator (replayed by hand)."""
+    from dpclip.grad_sample.bookkeeping import clip_and_sum
+    from dpclip.noise import NOISE_CHUNK, GaussianNoise
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 256), nn.Tanh(), nn.Linear(256, 3))  # 78k parameters
+        assert sum(p.numel() for p in model.parameters()) > NOISE_CHUNK
+        g = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(32, 300, generator=g), torch.randint(0, 3, (32,), generator=g))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine(accountant="rdp")
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False, generator=torch.Generator().manual_seed(3),
+        )
+        return model, opt, loader, engine
+
+    def step(model, opt, x, y):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, opt, loader, engine = build()
+    for x, y in loader:
+        step(model, opt, x, y)
+    full = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, loader, engine = build()
+    for i, (x, y) in enumerate(loader):
+        step(model, opt, x, y)
+        if i == 1:
+            assert engine._attachment.prefetch.pending  # the third step's noise is being drawn
+            state = engine.state_dict()
+            engine.load_state_dict(state)  # drops the pending draw; the generator from the checkpoint
+            assert not engine._attachment.prefetch.pending
+    for a, b in zip(model.parameters(), full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # each step's noise is the synchronous draw: replay one step's gradient noise by hand
+    model, opt, loader, engine = build()
+    gen = torch.Generator().manual_seed(3)
+    torch.randint(0, 2**62, (1,), generator=gen)  # make_private seeds the sampling stream first
+    x, y = next(iter(loader))
+    F.cross_entropy(model(x), y).backward()
+    att = engine._attachment
+    sums, _ = clip_and_sum(att.sampler, att.clipper)
+    want = GaussianNoise(1.0).add({p: sums[p] for p in att.params}, 1.0, gen)
+    opt.step()
+    for p in att.params:
+        torch.testing.assert_close(p.grad, want[p] / 8, rtol=1e-6, atol=1e-7)
