@@ -35,7 +35,6 @@ import math
 import numbers
 import os
 import secrets
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, localcontext
@@ -45,14 +44,7 @@ import torch
 
 from ._pool import helper_pool
 
-__all__ = [
-    "GaussianNoise",
-    "NormalPrefetch",
-    "SecureGaussianNoise",
-    "SecureNoisePlan",
-    "fill_normal",
-    "secure_generator",
-]
+__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "fill_normal", "secure_generator"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -157,18 +149,12 @@ class GaussianNoise:
         return self.noise_multiplier * s
 
     def add(
-        self,
-        sums: Mapping[object, torch.Tensor],
-        sensitivity: float,
-        generator: torch.Generator,
-        prefetch: NormalPrefetch | None = None,
+        self, sums: Mapping[object, torch.Tensor], sensitivity: float, generator: torch.Generator
     ) -> dict[object, torch.Tensor]:
         """``{key: sum + noise}`` as new tensors (dtype, shape and device of each sum kept).
 
         The keys' order fixes the order of the draws. Without noise (``std == 0``) each sum is
-        returned as an exact copy. ``prefetch`` (a :class:`NormalPrefetch` on ``generator``):
-        its pending draw is used when it fits (the same values as drawing now) and cancelled
-        otherwise.
+        returned as an exact copy.
 
         Raises:
             TypeError: ``sums`` is not a mapping of floating-point tensors, or ``generator`` is
@@ -177,20 +163,14 @@ class GaussianNoise:
         """
         items = _check_sums(sums)
         std = self.std(sensitivity)
-        if prefetch is not None and prefetch.generator is not generator:
-            raise ValueError("add: prefetch draws from another generator than the one passed")
         if std == 0.0:
-            if prefetch is not None:
-                prefetch.cancel()
             return {key: value.clone() for key, value in items}
         device = _generator_device(generator)
         out: dict[object, torch.Tensor] = {}
         for dtype in dict.fromkeys(value.dtype for _, value in items):
             group = [(key, value) for key, value in items if value.dtype == dtype]
-            numel = sum(v.numel() for _, v in group)
-            flat = prefetch.take(numel, dtype, std) if prefetch is not None else None
-            if flat is None:
-                flat = fill_normal(torch.empty(numel, dtype=dtype, device=device), std, generator)
+            flat = torch.empty(sum(v.numel() for _, v in group), dtype=dtype, device=device)
+            fill_normal(flat, std, generator)
             offset = 0
             for key, value in group:
                 draw = flat[offset : offset + value.numel()].view(value.shape)
@@ -218,125 +198,23 @@ def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> t
     Shapes: ``flat [n]``, contiguous. Returns ``flat``.
     """
     n = flat.numel()
-    if not _pieced(flat.device, n):
+    if flat.device.type != "cpu" or n <= NOISE_CHUNK:
         return flat.normal_(0.0, std, generator=generator)
-    _Pieces(flat, std, _piece_seeds(n, generator)).fill(max(1, torch.get_num_threads()))
-    return flat
-
-
-def _pieced(device: torch.device, n: int) -> bool:
-    return device.type == "cpu" and n > NOISE_CHUNK
-
-
-def _piece_seeds(n: int, generator: torch.Generator) -> list[int]:
-    """One 62-bit seed per :data:`NOISE_CHUNK` numbers of a draw of ``n``, from ``generator``."""
     pieces = -(-n // NOISE_CHUNK)
-    return torch.randint(0, 1 << 62, (pieces,), generator=generator, dtype=torch.int64).tolist()
+    seeds = torch.randint(0, 1 << 62, (pieces,), generator=generator, dtype=torch.int64).tolist()
 
+    def fill(lo: int, hi: int) -> None:
+        for k in range(lo, hi):
+            piece = flat[k * NOISE_CHUNK : (k + 1) * NOISE_CHUNK]
+            piece.normal_(0.0, std, generator=torch.Generator().manual_seed(seeds[k]))
 
-class _Pieces:
-    """The pieces of one draw, filled by whichever threads ask first (each piece exactly once).
-
-    Piece ``k`` is ``flat[k C : (k + 1) C]`` drawn from an MT19937 seeded with ``seeds[k]``, so
-    the values do not depend on which thread fills which piece, nor on how many threads help.
-    """
-
-    def __init__(self, flat: torch.Tensor, std: float, seeds: list[int]) -> None:
-        self.flat, self.std, self.seeds = flat, std, seeds
-        self._next = 0
-        self._lock = threading.Lock()
-        self._futures: list = []
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                k = self._next
-                self._next += 1
-            if k >= len(self.seeds):
-                return
-            piece = self.flat[k * NOISE_CHUNK : (k + 1) * NOISE_CHUNK]
-            piece.normal_(0.0, self.std, generator=torch.Generator().manual_seed(self.seeds[k]))
-
-    def start(self, helpers: int) -> None:
-        """Let ``helpers`` pool threads start filling (the caller goes on)."""
-        self._futures += [helper_pool().submit(self._work) for _ in range(min(helpers, len(self.seeds)))]
-
-    def fill(self, threads: int) -> None:
-        """Fill every piece: ``threads - 1`` pool threads and the calling thread; returns when done."""
-        self.start(threads - 1)
-        self.finish()
-
-    def finish(self) -> None:
-        """Fill what no thread has taken yet on the calling thread, then wait for the helpers."""
-        self._work()
-        for future in self._futures:
-            future.result()
-        self._futures = []
-
-
-class NormalPrefetch:
-    """Standard normals for the next noise draw, filled on a helper thread while training goes on.
-
-    The noise of a DP-SGD step depends on nothing the step computes, only on the generator, so
-    its cost (the largest one DP adds to a small model's step: about 2.3 ms of CPU for W1's
-    670k parameters, docs/benchmarks.md) can be paid while the next forward and backward run.
-    :meth:`start` is called where the generator's next use will be the draw of ``numel``
-    numbers of ``dtype`` by :func:`fill_normal` (one :class:`GaussianNoise` step): it draws the
-    pieces' seeds from the generator *now*, exactly as that call would, and hands the pieces to
-    a helper thread. :meth:`take` then returns them, scaled by ``std``: the same values,
-    bit for bit, that ``fill_normal(torch.empty(numel, dtype=dtype), std, generator)`` would have
-    given at that point (``normal_(0, 1)`` times ``std`` rounds as ``normal_(0, std)`` does),
-    with the work left unclaimed finished by the calling thread. Whatever else draws from the
-    generator in between must call :meth:`cancel` first, which puts the generator back as if
-    nothing had been drawn; a checkpoint stores :meth:`generator_state`.
-
-    Only draws that :func:`fill_normal` splits into pieces (CPU, above :data:`NOISE_CHUNK`
-    numbers) are prefetched; :meth:`start` does nothing for others.
-    """
-
-    def __init__(self, generator: torch.Generator) -> None:
-        _generator_device(generator)
-        self.generator = generator
-        self._pending: tuple[int, torch.dtype, object, _Pieces] | None = None
-
-    @property
-    def pending(self) -> bool:
-        return self._pending is not None
-
-    def start(self, numel: int, dtype: torch.dtype) -> None:
-        """Begin the draw of ``numel`` standard normals of ``dtype`` (see the class docstring)."""
-        self.cancel()
-        if not _pieced(self.generator.device, numel):
-            return
-        state = self.generator.get_state()
-        pieces = _Pieces(torch.empty(numel, dtype=dtype), 1.0, _piece_seeds(numel, self.generator))
-        pieces.start(max(1, torch.get_num_threads() - 1))
-        self._pending = (numel, dtype, state, pieces)
-
-    def take(self, numel: int, dtype: torch.dtype, std: float) -> torch.Tensor | None:
-        """The pending draw times ``std`` (``[numel]``), or ``None`` (after :meth:`cancel`) when
-        none is pending for this size and dtype; the caller then draws with :func:`fill_normal`."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        if pending[:2] != (numel, dtype):
-            self._pending = pending
-            self.cancel()
-            return None
-        pieces = pending[3]
-        pieces.finish()
-        return pieces.flat.mul_(std) if std != 1.0 else pieces.flat
-
-    def cancel(self) -> None:
-        """Drop the pending draw and put the generator back to its state before :meth:`start`."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending[3].finish()  # let the helper threads stop touching the buffer
-            self.generator.set_state(pending[2])
-
-    def generator_state(self) -> torch.Tensor:
-        """The generator's state as if no draw were pending (what a checkpoint must hold)."""
-        return self._pending[2].clone() if self._pending is not None else self.generator.get_state()
+    workers = max(1, min(torch.get_num_threads(), pieces))
+    bounds = [pieces * j // workers for j in range(workers + 1)]
+    futures = [helper_pool().submit(fill, bounds[j], bounds[j + 1]) for j in range(1, workers)]
+    fill(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+    return flat
 
 
 # ----------------------------------------------------------------------------- generator

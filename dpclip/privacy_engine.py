@@ -112,7 +112,6 @@ class _Attachment:
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
     rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
     world_size: int = 1
-    prefetch: noise_module.NormalPrefetch | None = None  # the next step's noise, drawn ahead (P9)
 
     @property
     def clipper(self):
@@ -437,8 +436,6 @@ class PrivacyEngine:
         """Remove every hook dpclip attached; the model and optimizer behave as before."""
         if self._attachment is None:
             return
-        if self._attachment.prefetch is not None:
-            self._attachment.prefetch.cancel()
         for h in self._attachment.handles:
             h.remove()
         if self._attachment.sampler is not None:
@@ -537,22 +534,15 @@ class PrivacyEngine:
         sigma_grad = gradient_noise_multiplier(sigma, sigma_c)
         noise_cls = noise_module.SecureGaussianNoise if att.secure else GaussianNoise
         full = {p: sums[p] if p in sums else torch.zeros_like(p) for p in att.params}
-        prefetch = att.prefetch
-        if att.secure:
-            add = lambda: noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)  # noqa: E731
-        else:
-            if prefetch is None:
-                prefetch = att.prefetch = noise_module.NormalPrefetch(att.generator)
-            add = lambda: GaussianNoise(sigma_grad).add(full, att.sensitivity, att.generator, prefetch)  # noqa: E731
         if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once
             distributed.all_reduce_sum_(list(full.values()))
             if att.rank == 0:
-                noisy = add()
+                noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
             else:
                 noisy = {p: torch.empty_like(t) for p, t in full.items()}
             distributed.broadcast_([noisy[p] for p in att.params])
         else:
-            noisy = add()
+            noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
         for p in att.params:
             p.grad = noisy[p].div_(att.expected_units).to(p.dtype)
         att.clip_history.append(att.clip)
@@ -575,10 +565,6 @@ class PrivacyEngine:
                 torch.distributed.broadcast_object_list(box, src=0)
                 stats = box[0]
             att.clip = tuple(float(c) for c in att.controller.update(att.clip, stats))
-        if prefetch is not None and att.rank == 0 and sigma_grad > 0:
-            # the generator's next use is the next step's gradient noise: draw it meanwhile (P9)
-            first = next(iter(full.values())).dtype
-            prefetch.start(sum(t.numel() for t in full.values() if t.dtype == first), first)
         if att.poisson:
             self.accountant.step(noise_multiplier=sigma, sample_rate=att.sample_rate)
             if att.budget_steps_left is not None:
@@ -639,15 +625,10 @@ class PrivacyEngine:
                 audited=att.audited,
                 unit_of=None if att.unit_of is None else att.unit_of.clone(),
                 controller=att.controller.state_dict() if hasattr(att.controller, "state_dict") else None,
-                generator=None if att.secure else self._generator_state(att),
+                generator=None if att.secure else att.generator.get_state(),
                 sample_generator=None if att.secure else att.sample_generator.get_state(),
             )
         return state
-
-    @staticmethod
-    def _generator_state(att: _Attachment) -> torch.Tensor:
-        """The noise generator's state, as if the prefetched draw had not been made."""
-        return att.prefetch.generator_state() if att.prefetch is not None else att.generator.get_state()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (call after ``make_private`` with the same settings)."""
@@ -674,8 +655,6 @@ class PrivacyEngine:
             att.controller.load_state_dict(state["controller"])
         if not att.secure:
             if state.get("generator") is not None:
-                if att.prefetch is not None:
-                    att.prefetch.cancel()
                 att.generator.set_state(state["generator"])
             if state.get("sample_generator") is not None:
                 att.sample_generator.set_state(state["sample_generator"])
