@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import warnings
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -731,3 +733,24 @@ def test_conv_gram_ghost_norm_float32_and_choice():
     x2, g2 = torch.randn(2, 16, 13, 13), torch.randn(2, 32, 5, 5)
     L, d, p, _ = rules_mod._conv_shapes(w2, x2, g2)
     assert not rules_mod._conv_use_ghost(L, d, p, rules_mod._conv_gram_cost(w2, x2, g2))
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)),  # unfold + bmm
+        (lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2, padding=1), (5, 4, 11)),  # unfold, groups
+        (lambda: nn.Conv2d(1, 3, 6, stride=2, padding=2), (5, 1, 13, 12)),  # one input channel
+        (lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3)),
+        (lambda: nn.LayerNorm(6), (5, 3, 6)),
+        (lambda: nn.InstanceNorm1d(3, affine=True), (5, 3, 7)),
+        (lambda: nn.RMSNorm(6), (5, 2, 6)),
+    ],
+)
+def test_rules_in_chunks_of_samples(make, shape, monkeypatch):
+    """Rules that work on a few samples at a time (to keep temporaries small) give the
+    oracle's values when the batch is cut into pieces of one and two samples."""
+    for numbers in (1, 2 * math.prod(shape[1:]) * 36):
+        with monkeypatch.context() as mp:
+            mp.setattr(rules_mod, "_CHUNK_NUMBERS", numbers)
+            check_layer(randomise(make()), randn(*shape), mp)

@@ -359,6 +359,10 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
     g = backprops.to(x.dtype)
     C, O, G = x.shape[1], g.shape[1], module.groups
     n = len(k)
+    L = math.prod(g.shape[2:])
+    # samples per piece: the unfolded patches of a piece stay below _CHUNK_NUMBERS numbers
+    # (a fresh block above ~32 MB costs page faults on every call; see _in_chunks)
+    chunk = max(1, _CHUNK_NUMBERS // max(1, L * C * math.prod(k)))
     if n <= 2 and (C // G) * math.prod(k) <= _UNFOLD_MAX_D:
         pad = padding if isinstance(padding, tuple) else (0,) * n
         if n == 1:  # as a 2-D conv of height 1
@@ -367,11 +371,14 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
             stride2, dil2 = (1, module.stride[0]), (1, module.dilation[0])
         else:
             k2, pad2, stride2, dil2 = k, pad, module.stride, module.dilation
-        cols = F.unfold(x, k2, dilation=dil2, padding=pad2, stride=stride2)  # [B, C K, L]
-        L = cols.shape[-1]
-        cols = cols.view(B * G, -1, L)
-        w = torch.bmm(g.reshape(B * G, O // G, L), cols.transpose(1, 2))  # [B G, Og, Cg K]
-        return w.view(B, *module.weight.shape)
+        w = out.view(B * G, O // G, -1)
+        for i in range(0, B, chunk):
+            m = min(chunk, B - i)
+            cols = F.unfold(x[i : i + m], k2, dilation=dil2, padding=pad2, stride=stride2)  # [m, C K, L]
+            cols = cols.view(m * G, -1, L)
+            # [m G, Og, Cg K]
+            torch.bmm(g[i : i + m].reshape(m * G, O // G, L), cols.transpose(1, 2), out=w[i * G : (i + m) * G])
+        return out
     if n == 2 and C == 1 and G == 1:
         # one input channel, a wide kernel (an MNIST first layer, 8x8): gather the patches
         # from a strided view (one copy, no im2col kernel) and one batched matmul; 4.9 against
@@ -383,10 +390,13 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
         (kh, kw), (sh, sw), (dh, dw) = k, module.stride, module.dilation
         Lh, Lw = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
         st = x.stride()
-        patches = x.as_strided((B, Lh, Lw, kh, kw), (st[0], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
-        a = patches.reshape(B, Lh * Lw, kh * kw)
-        w = torch.bmm(g.reshape(B, O, Lh * Lw), a)  # [B, O, K]
-        return w.view(B, *module.weight.shape)
+        w = out.view(B, O, kh * kw)
+        for i in range(0, B, chunk):
+            m = min(chunk, B - i)
+            patches = x[i : i + m].as_strided((m, Lh, Lw, kh, kw), (st[0], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
+            a = patches.reshape(m, Lh * Lw, kh * kw)
+            torch.bmm(g[i : i + m].reshape(m, O, Lh * Lw), a, out=w[i : i + m])  # [m, O, K]
+        return out
     weight_grad = _CONV_WEIGHT_GRAD[n]
 
     def chunk(i: int, j: int) -> None:
@@ -735,10 +745,31 @@ def _rms_norm_psg(module: nn.RMSNorm, activations, backprops) -> Grads:
     return _affine_grads(module, x_hat, g, list(range(1, x.dim() - k)))
 
 
-LAYER_NORM_RULE = _materialised_rule(_layer_norm_psg)
-GROUP_NORM_RULE = _materialised_rule(_group_norm_psg)
-INSTANCE_NORM_RULE = _materialised_rule(_instance_norm_psg, check=_instance_norm_check)
-RMS_NORM_RULE = _materialised_rule(_rms_norm_psg)
+_CHUNK_NUMBERS = 1 << 20  # numbers per temporary of a chunked rule (4 MB in float32)
+
+
+def _in_chunks(per_sample: Callable[[nn.Module, torch.Tensor, torch.Tensor], Grads]):
+    """``per_sample`` on a few samples at a time, so that its ``[B, ...]`` temporaries (the
+    normalised input) stay below :data:`_CHUNK_NUMBERS` numbers: a larger block is mapped
+    fresh from the OS on every call, and on a virtual machine its page faults cost more than
+    the arithmetic (33 MB for W3's first GroupNorm: 15 ms against 5; docs/design.md E16)."""
+
+    def run(module, activations, backprops):
+        B = activations.shape[0]
+        per = max(1, activations[0].numel()) if B else 1
+        chunk = max(1, _CHUNK_NUMBERS // per)
+        if B <= chunk:
+            return per_sample(module, activations, backprops)
+        parts = [per_sample(module, activations[i : i + chunk], backprops[i : i + chunk]) for i in range(0, B, chunk)]
+        return {n: torch.cat([part[n] for part in parts]) for n in parts[0]}
+
+    return run
+
+
+LAYER_NORM_RULE = _materialised_rule(_in_chunks(_layer_norm_psg))
+GROUP_NORM_RULE = _materialised_rule(_in_chunks(_group_norm_psg))
+INSTANCE_NORM_RULE = _materialised_rule(_in_chunks(_instance_norm_psg), check=_instance_norm_check)
+RMS_NORM_RULE = _materialised_rule(_in_chunks(_rms_norm_psg))
 
 
 # --------------------------------------------------------------------------- registry

@@ -87,6 +87,7 @@ import copy
 import io
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -429,10 +430,16 @@ def cpu_time() -> float:
     return time.process_time()  # user + sys of every thread of this process
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (first touches of memory fresh from the OS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @dataclass
 class Timing:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
 
 def time_model(spec: ModelSpec, batch_size: int, steps: int, methods: list[str], log) -> dict[str, Any]:
@@ -458,11 +465,12 @@ def time_model(spec: ModelSpec, batch_size: int, steps: int, methods: list[str],
             x, y = batches[k % N_BATCHES]
             rot = k % max(1, len(runners))
             for r in runners[rot:] + runners[:rot]:
-                c0, t0 = cpu_time(), time.perf_counter()
+                f0, c0, t0 = page_faults(), cpu_time(), time.perf_counter()
                 r.step(x, y)
-                t1, c1 = time.perf_counter(), cpu_time()
+                t1, c1, f1 = time.perf_counter(), cpu_time(), page_faults()
                 timings[r.name].wall.append(t1 - t0)
                 timings[r.name].cpu.append(c1 - c0)
+                timings[r.name].faults.append(f1 - f0)
     out: dict[str, Any] = {}
     for m in methods:
         if m in errors:
@@ -474,6 +482,7 @@ def time_model(spec: ModelSpec, batch_size: int, steps: int, methods: list[str],
             "ms_median": 1e3 * med,
             "ms_min": 1e3 * min(t.wall),
             "cpu_ms_median": 1e3 * statistics.median(t.cpu),
+            "page_faults_median": statistics.median(t.faults),
             "samples_per_s": batch_size / med,
             "steps": len(t.wall),
         }
@@ -675,7 +684,7 @@ def fmt(v, spec: str) -> str:
 
 
 def print_table(results: dict[str, Any], memory: bool) -> None:
-    header = ["model", "B", "method", "ms/step", "min ms", "CPU ms", "samples/s", "x non-priv", "x CPU", "peak MB", "steps"]
+    header = ["model", "B", "method", "ms/step", "min ms", "CPU ms", "samples/s", "x non-priv", "x CPU", "faults", "peak MB", "steps"]
     rows = []
     for model, res in results["models"].items():
         for m, r in res["timing"].items():
@@ -683,7 +692,7 @@ def print_table(results: dict[str, Any], memory: bool) -> None:
             peak = mem.get("peak_mb")
             peak_s = "-" if not memory else (f"{peak:.0f}" + ("" if mem.get("reset", True) else "*") if peak is not None else "err")
             if "error" in r:
-                rows.append([model, str(res["batch_size"]), m, "skipped: " + r["error"][:60], "", "", "", "", "", peak_s, ""])
+                rows.append([model, str(res["batch_size"]), m, "skipped: " + r["error"][:60], "", "", "", "", "", "", peak_s, ""])
                 continue
             rows.append(
                 [
@@ -696,6 +705,7 @@ def print_table(results: dict[str, Any], memory: bool) -> None:
                     fmt(r["samples_per_s"], ".0f"),
                     fmt(r.get("x_nonprivate"), ".2f"),
                     fmt(r.get("x_nonprivate_cpu"), ".2f"),
+                    fmt(r.get("page_faults_median"), ".0f"),
                     peak_s,
                     str(r["steps"]),
                 ]
@@ -736,6 +746,10 @@ def print_checks(results: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- main
 
 
+STABLE_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
+"""--stable-malloc: blocks up to 32 MiB come from the heap, and the heap is never trimmed."""
+
+
 def environment() -> dict[str, Any]:
     import opacus
 
@@ -750,6 +764,7 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
         "platform": platform.platform(),
         "loadavg_start": load,
     }
@@ -766,8 +781,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--profile", nargs=2, metavar=("MODEL", "METHOD"), help="profile one cell (cProfile + torch.profiler) and exit")
+    ap.add_argument(
+        "--stable-malloc", action="store_true",
+        help="rerun under GLIBC_TUNABLES with a fixed mmap threshold (32 MiB) and no heap trimming, so "
+        "that freed memory is reused instead of being faulted in again on the next step (see docs/benchmarks.md)",
+    )
     ap.add_argument("--_mem-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.stable_malloc and os.environ.get("GLIBC_TUNABLES") != STABLE_MALLOC:
+        if not sys.platform.startswith("linux"):
+            ap.error("--stable-malloc sets glibc's tunables: Linux only")
+        env = dict(os.environ, GLIBC_TUNABLES=STABLE_MALLOC)
+        return subprocess.call([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])], env=env)
 
     if args._mem_child:
         model, method, bs = args._mem_child
