@@ -502,7 +502,9 @@ class PrivacyEngine:
                 # of rule units' parameters (this hook replaces p.grad; nothing below reads it)
                 att.sampler.set_skip_param_grads(True)
             groups = None if len(att.groups) == 1 else att.groups
-            sums, norms = clip_and_sum(att.sampler, att.clipper, groups)
+            # the average's 1 / expected size rides on the per-sample scales (no pass over the sums)
+            scale = 1.0 if att.secure else 1.0 / att.expected_units
+            sums, norms = clip_and_sum(att.sampler, att.clipper, groups, scale=scale)
         else:
             grads = {p: p.grad for p in att.params if p.grad is not None}
             if size == 0 or not grads:
@@ -534,17 +536,22 @@ class PrivacyEngine:
         sigma_grad = gradient_noise_multiplier(sigma, sigma_c)
         noise_cls = noise_module.SecureGaussianNoise if att.secure else GaussianNoise
         full = {p: sums[p] if p in sums else torch.zeros_like(p) for p in att.params}
+        # per-sample clipping (not secure mode) summed already divided by the expected size:
+        # the noise std is divided alike, and nothing is divided afterwards
+        divided = att.sampler is not None and not att.secure
+        sensitivity = att.sensitivity / att.expected_units if divided else att.sensitivity
         if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once
             distributed.all_reduce_sum_(list(full.values()))
             if att.rank == 0:
-                noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
+                noisy = noise_cls(sigma_grad).add(full, sensitivity, att.generator)
             else:
                 noisy = {p: torch.empty_like(t) for p, t in full.items()}
             distributed.broadcast_([noisy[p] for p in att.params])
         else:
-            noisy = noise_cls(sigma_grad).add(full, att.sensitivity, att.generator)
+            noisy = noise_cls(sigma_grad).add(full, sensitivity, att.generator)
         for p in att.params:
-            p.grad = noisy[p].div_(att.expected_units).to(p.dtype)
+            grad = noisy[p] if divided else noisy[p].div_(att.expected_units)
+            p.grad = grad.to(p.dtype)
         att.clip_history.append(att.clip)
         if att.controller is not None:
             groups = len(att.clip)

@@ -29,6 +29,8 @@ def clip_and_sum(
     sampler: GradSampler,
     clipper: Clipper,
     groups: Sequence[Sequence[nn.Parameter]] | None = None,
+    *,
+    scale: float = 1.0,
 ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
     """Per-group per-sample norms, scales from ``clipper``, and the clipped sums.
 
@@ -36,7 +38,10 @@ def clip_and_sum(
     else one group per entry (per-layer clipping). Every parameter of the sampler must be in
     exactly one group (an unclipped parameter would break the sensitivity bound).
 
-    Returns ``(sums, norms)``: ``sums[p] = sum_i scales[i, group(p)] * g_i(p)`` with ``p``'s
+    ``scale``: a constant factor on every sum, applied to the ``[B]`` scales (so it costs
+    nothing per summed entry; e.g. ``1 / expected batch size`` for DP-SGD's average).
+
+    Returns ``(sums, norms)``: ``sums[p] = scale * sum_i scales[i, group(p)] * g_i(p)`` with ``p``'s
     shape, and ``norms [B, G]`` (``norms[i, k]`` = L2 norm of sample ``i``'s gradient over the
     parameters of group ``k``).
     """
@@ -92,5 +97,6 @@ def clip_and_sum(
             f"clip_and_sum: the clipper returned scales of shape {tuple(scales.shape)} for "
             f"norms of shape {tuple(norms.shape)}"
         )
-    per_param = {p: scales[:, group_of[id(p)]] for group in groups for p in group}
+    factors = scales * scale if scale != 1.0 else scales
+    per_param = {p: factors[:, group_of[id(p)]] for group in groups for p in group}
     return sampler.clipped_sums(per_param), norms

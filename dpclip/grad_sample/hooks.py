@@ -863,6 +863,9 @@ class GradSampler:
                     f"clipped_sums: scales must have shape [B] = [{batch}], got {tuple(s.shape)} "
                     f"for a parameter of shape {tuple(p.shape)}"
                 )
+        if factor != 1.0:
+            # the loss-reduction factor goes into the [B] scales, not over every summed entry
+            scales = {p: s * factor for p, s in scales.items()}
         out: dict[nn.Parameter, torch.Tensor] = {}
         with torch.no_grad():
             for unit, calls in zip(self.units, active):
@@ -889,9 +892,7 @@ class GradSampler:
                     for n, p in wanted:
                         if n in res:
                             _accumulate(out, p, res[n])
-            return {
-                p: (out[p].mul_(factor) if p in out else torch.zeros_like(p)) for p in scales
-            }
+            return {p: (out[p] if p in out else torch.zeros_like(p)) for p in scales}
 
 
 # --------------------------------------------------------------------------------------------
