@@ -111,7 +111,7 @@ NOISE = 1.0
 CLIP = 1.0
 LR = 0.05
 N_BATCHES = 4
-WARMUP = 2
+WARMUP = 5  # the allocator's heap takes a few steps to settle (page faults per step fall, docs E17)
 MEM_STEPS = 2  # steady-state steps in the peak-memory subprocess
 
 # --------------------------------------------------------------------------- models
