@@ -349,7 +349,7 @@ class PrivacyEngine:
                 generator = torch.Generator().manual_seed(_os_seed())
             # sampling gets its own stream, seeded from the user's generator: the run then does
             # not depend on when a prefetching loader draws its batches relative to the noise
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             if world_size > 1:  # one stream per process, also when every process got the same seed
                 seed = (seed + rank * 0x9E3779B97F4A7C15) % 2**63
             sample_generator = torch.Generator().manual_seed(seed)

@@ -284,12 +284,13 @@ def _conv_ghost_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> t
     G = module.groups
     L, d, _, _ = _conv_shapes(module, activations, backprops)
     chunk = max(1, _CHUNK_NUMBERS // max(1, G * L * d))
-    out = []
-    for i in range(0, B, chunk):
-        m = min(chunk, B - i)
-        a = _conv_patches(module, activations[i : i + m])
-        g = backprops[i : i + m].reshape(m * G, backprops.shape[1] // G, L).to(a.dtype)
-        out.append(_ghost_sq(a, g.transpose(1, 2)).view(m, G).sum(1))
+
+    def piece(i: int, j: int) -> torch.Tensor:
+        a = _conv_patches(module, activations[i:j])
+        g = backprops[i:j].reshape((j - i) * G, backprops.shape[1] // G, L).to(a.dtype)
+        return _ghost_sq(a, g.transpose(1, 2)).view(j - i, G).sum(1)
+
+    out = _map_chunks(piece, B, _spread(chunk, B, activations.device), activations.device)
     return torch.cat(out) if out else activations.new_zeros(0)
 
 
@@ -334,10 +335,12 @@ def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, 
         return [fn(i, min(i + chunk, batch)) for i in starts]
     workers = min(threads, len(starts))
     bounds = [len(starts) * j // workers for j in range(workers + 1)]
+    grad_enabled = torch.is_grad_enabled()  # thread-local: the pool's threads take the caller's
 
     def run(lo: int, hi: int) -> list:
         torch.set_num_threads(1)
-        return [fn(starts[k], min(starts[k] + chunk, batch)) for k in range(lo, hi)]
+        with torch.set_grad_enabled(grad_enabled):
+            return [fn(starts[k], min(starts[k] + chunk, batch)) for k in range(lo, hi)]
 
     try:
         futures = [helper_pool().submit(run, bounds[j], bounds[j + 1]) for j in range(1, workers)]
@@ -347,6 +350,13 @@ def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, 
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def _spread(chunk: int, batch: int, device: torch.device) -> int:
+    """``chunk``, lowered so that a CPU batch splits into at least one piece per torch thread
+    (:func:`_map_chunks` then runs the pieces side by side, each on one thread)."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(1, min(chunk, -(-batch // max(1, threads))))
 
 
 def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
@@ -379,12 +389,14 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
         else:
             k2, pad2, stride2, dil2 = k, pad, module.stride, module.dilation
         w = out.view(B * G, O // G, -1)
-        for i in range(0, B, chunk):
-            m = min(chunk, B - i)
-            cols = F.unfold(x[i : i + m], k2, dilation=dil2, padding=pad2, stride=stride2)  # [m, C K, L]
-            cols = cols.view(m * G, -1, L)
+
+        def unfolded(i: int, j: int) -> None:
+            cols = F.unfold(x[i:j], k2, dilation=dil2, padding=pad2, stride=stride2)  # [m, C K, L]
+            cols = cols.view((j - i) * G, -1, L)
             # [m G, Og, Cg K]
-            torch.bmm(g[i : i + m].reshape(m * G, O // G, L), cols.transpose(1, 2), out=w[i * G : (i + m) * G])
+            torch.bmm(g[i:j].reshape((j - i) * G, O // G, L), cols.transpose(1, 2), out=w[i * G : j * G])
+
+        _map_chunks(unfolded, B, _spread(chunk, B, x.device), x.device)
         return out
     if n == 2 and C == 1 and G == 1:
         # one input channel, a wide kernel (an MNIST first layer, 8x8): gather the patches
@@ -398,11 +410,13 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
         Lh, Lw = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
         st = x.stride()
         w = out.view(B, O, kh * kw)
-        for i in range(0, B, chunk):
-            m = min(chunk, B - i)
-            patches = x[i : i + m].as_strided((m, Lh, Lw, kh, kw), (st[0], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
-            a = patches.reshape(m, Lh * Lw, kh * kw)
-            torch.bmm(g[i : i + m].reshape(m, O, Lh * Lw), a, out=w[i : i + m])  # [m, O, K]
+
+        def gathered(i: int, j: int) -> None:
+            patches = x[i:j].as_strided((j - i, Lh, Lw, kh, kw), (st[0], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
+            a = patches.reshape(j - i, Lh * Lw, kh * kw)
+            torch.bmm(g[i:j].reshape(j - i, O, Lh * Lw), a, out=w[i:j])  # [m, O, K]
+
+        _map_chunks(gathered, B, _spread(chunk, B, x.device), x.device)
         return out
     weight_grad = _CONV_WEIGHT_GRAD[n]
 
@@ -518,12 +532,12 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
     ]
     step = [st * sj for st, sj in zip(module.stride, pos_strides)]
     chunk = max(1, _GRAM_MAX_NUMBERS // max(1, G * max(P * P, L * L)))
-    out = []
-    for i in range(0, B, chunk):
-        m = min(chunk, B - i)
-        xs = x[i : i + m].reshape(m * G, C // G, P)
+
+    def piece(i: int, j: int) -> torch.Tensor:
+        m = j - i
+        xs = x[i:j].reshape(m * G, C // G, P)
         gram = torch.bmm(xs.transpose(1, 2), xs)  # [m G, P, P]
-        gs = g[i : i + m].reshape(m * G, O // G, L)
+        gs = g[i:j].reshape(m * G, O // G, L)
         gg = torch.bmm(gs.transpose(1, 2), gs).view(m * G, *Ls, *Ls)
         shape = (m * G, *Ls, *Ls)
         strides = (P * P, *[s * P for s in step], *step)
@@ -532,7 +546,9 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
         for off in offsets:
             view = gram.as_strided(shape, strides, base + off * (P + 1))
             patches = view.clone() if patches is None else patches.add_(view)
-        out.append(patches.mul_(gg).flatten(1).sum(1).view(m, G).sum(1))
+        return patches.mul_(gg).flatten(1).sum(1).view(m, G).sum(1)
+
+    out = _map_chunks(piece, B, _spread(chunk, B, activations.device), activations.device)
     return torch.cat(out) if out else activations.new_zeros(0)
 
 
@@ -766,10 +782,10 @@ def _in_chunks(per_sample: Callable[[nn.Module, torch.Tensor, torch.Tensor], Gra
     def run(module, activations, backprops):
         B = activations.shape[0]
         per = max(1, activations[0].numel()) if B else 1
-        chunk = max(1, _CHUNK_NUMBERS // per)
+        chunk = _spread(max(1, _CHUNK_NUMBERS // per), B, activations.device)
         if B <= chunk:
             return per_sample(module, activations, backprops)
-        parts = [per_sample(module, activations[i : i + chunk], backprops[i : i + chunk]) for i in range(0, B, chunk)]
+        parts = _map_chunks(lambda i, j: per_sample(module, activations[i:j], backprops[i:j]), B, chunk, activations.device)
         return {n: torch.cat([part[n] for part in parts]) for n in parts[0]}
 
     return run

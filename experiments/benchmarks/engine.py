@@ -106,6 +106,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+CPU = torch.device("cpu")
 THREADS = 2
 NOISE = 1.0
 CLIP = 1.0
@@ -358,12 +359,14 @@ def make_runner(
     noise: float = NOISE,
     lr: float = LR,
     dtype: torch.dtype = torch.float32,
+    device: torch.device = CPU,
 ) -> Runner:
     model = spec.build()
     model.load_state_dict(state)
     model.to(dtype)
     if method == EXTRA_LSTM or (method.startswith("opacus") and spec.opacus_fix):
         model = _opacus_fix(model)
+    model.to(device)
     raw = model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loader = DataLoader(dataset, batch_size=batch_size)
@@ -383,7 +386,7 @@ def make_runner(
             poisson_sampling=False,
             clipping="flat",
             grad_sample_mode=method.split()[1].split("+")[0],
-            generator=torch.Generator().manual_seed(1),
+            generator=torch.Generator(device).manual_seed(1),
         )
         if method.endswith("+anchor"):
             # GradSampler(anchor_first_layers=True): first layers skip autograd too (not yet
@@ -406,7 +409,7 @@ def make_runner(
                 poisson_sampling=False,
                 clipping="flat",
                 grad_sample_mode=method.split()[1],
-                noise_generator=torch.Generator().manual_seed(1),
+                noise_generator=torch.Generator(device).manual_seed(1),
             )
         if method == "opacus ghost":
             model, optimizer, criterion, _ = out
@@ -442,14 +445,18 @@ class Timing:
     faults: list[int] = field(default_factory=list)
 
 
-def time_model(spec: ModelSpec, batch_size: int, steps: int, methods: list[str], log) -> dict[str, Any]:
+def time_model(
+    spec: ModelSpec, batch_size: int, steps: int, methods: list[str], log, device: torch.device = CPU
+) -> dict[str, Any]:
     state = initial_state(spec)
     dataset, batches = make_data(spec, batch_size)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runners: list[Runner] = []
     errors: dict[str, str] = {}
     for m in methods:
         try:
-            r = make_runner(m, spec, state, dataset, batch_size)
+            r = make_runner(m, spec, state, dataset, batch_size, device=device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for i in range(WARMUP):
@@ -465,8 +472,10 @@ def time_model(spec: ModelSpec, batch_size: int, steps: int, methods: list[str],
             x, y = batches[k % N_BATCHES]
             rot = k % max(1, len(runners))
             for r in runners[rot:] + runners[:rot]:
+                sync()
                 f0, c0, t0 = page_faults(), cpu_time(), time.perf_counter()
                 r.step(x, y)
+                sync()
                 t1, c1, f1 = time.perf_counter(), cpu_time(), page_faults()
                 timings[r.name].wall.append(t1 - t0)
                 timings[r.name].cpu.append(c1 - c0)
@@ -557,6 +566,33 @@ def _memory_env() -> dict[str, str]:
     return env
 
 
+def measure_memory_cuda(model: str, method: str, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """On CUDA: the peak of ``torch.cuda.memory_allocated`` over 2 steps after the warm-up, less
+    what was allocated before the method was set up (the same definition as the CPU column:
+    what the method's step adds to the model and data)."""
+    spec = MODELS[model]
+    state = initial_state(spec)
+    dataset, batches = make_data(spec, batch_size)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = make_runner(method, spec, state, dataset, batch_size, device=device)
+            for i in range(WARMUP):
+                r.step(*batches[i % N_BATCHES])
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            for i in range(2):
+                r.step(*batches[(WARMUP + i) % N_BATCHES])
+            torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    return {"peak_mb": peak / 2**20, "reset": True}
+
+
 def measure_memory(model: str, method: str, batch_size: int, timeout: float = 300) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", model, method, str(batch_size)]
     try:
@@ -591,12 +627,15 @@ def f64_reference(spec: ModelSpec, state: dict, x: torch.Tensor, y: torch.Tensor
     return {n: t / x.shape[0] for n, t in total.items()}
 
 
-def one_step_grads(method: str, spec: ModelSpec, state: dict, dataset, batches, batch_size) -> dict[str, torch.Tensor]:
-    r = make_runner(method, spec, state, dataset, batch_size, noise=0.0, lr=0.0)
+def one_step_grads(
+    method: str, spec: ModelSpec, state: dict, dataset, batches, batch_size, device: torch.device = CPU
+) -> dict[str, torch.Tensor]:
+    r = make_runner(method, spec, state, dataset, batch_size, noise=0.0, lr=0.0, device=device)
+    x, y = batches[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r.step(*batches[0])
-    return {n: p.grad.detach().clone() for n, p in r.module.named_parameters()}
+        r.step(x.to(device), y.to(device))
+    return {n: p.grad.detach().cpu().clone() for n, p in r.module.named_parameters()}
 
 
 def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -605,7 +644,9 @@ def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return num / max(den, 1e-300)
 
 
-def check_model(spec: ModelSpec, batch_size: int, log, methods: list[str] | None = None) -> dict[str, Any]:
+def check_model(
+    spec: ModelSpec, batch_size: int, log, methods: list[str] | None = None, device: torch.device = CPU
+) -> dict[str, Any]:
     state = initial_state(spec)
     dataset, batches = make_data(spec, batch_size)
     ref64 = f64_reference(spec, state, *batches[0])
@@ -616,7 +657,7 @@ def check_model(spec: ModelSpec, batch_size: int, log, methods: list[str] | None
         checked = [m for m in checked if m in methods or m == "opacus hooks"]
     for m in checked:
         try:
-            grads[m] = one_step_grads(m, spec, state, dataset, batches, batch_size)
+            grads[m] = one_step_grads(m, spec, state, dataset, batches, batch_size, device)
         except Exception as e:
             out[m] = {"error": f"{type(e).__name__}: {e}"[:200]}
     ref = grads.get("opacus hooks")
@@ -751,7 +792,10 @@ STABLE_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshol
 
 
 def environment() -> dict[str, Any]:
-    import opacus
+    try:
+        import opacus
+    except ImportError:  # a GPU machine without it: the Opacus rows are skipped, each saying why
+        opacus = None
 
     try:
         load = os.getloadavg()
@@ -760,7 +804,7 @@ def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "opacus": opacus.__version__,
+        "opacus": getattr(opacus, "__version__", None),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
@@ -781,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--profile", nargs=2, metavar=("MODEL", "METHOD"), help="profile one cell (cProfile + torch.profiler) and exit")
+    ap.add_argument("--device", default="cpu", help="cpu (default; 2 threads) or cuda (see gpu_check.sh)")
     ap.add_argument(
         "--stable-malloc", action="store_true",
         help="rerun under GLIBC_TUNABLES with a fixed mmap threshold (32 MiB) and no heap trimming, so "
@@ -799,6 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(model, method, int(bs))
         return 0
     torch.set_num_threads(THREADS)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device!r}: choose cpu or cuda")
     if args.profile:
         profile(args.profile[0], args.profile[1], args.batch_size, args.steps or 10)
         return 0
@@ -816,7 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     results: dict[str, Any] = {"environment": environment(), "settings": {
         "noise_multiplier": NOISE, "max_grad_norm": CLIP, "lr": LR, "steps": steps, "warmup": WARMUP,
-        "poisson_sampling": False, "memory": "VmHWM after clear_refs reset, fresh subprocess per cell",
+        "poisson_sampling": False, "device": str(device),
+        "memory": "max_memory_allocated over 2 steps after warm-up" if device.type == "cuda"
+        else "VmHWM after clear_refs reset, fresh subprocess per cell",
     }, "models": {}}
     for name in models:
         spec = MODELS[name]
@@ -828,14 +880,17 @@ def main(argv: list[str] | None = None) -> int:
             methods = [m for m in methods if m in wanted]
         log(f"[{name}] timing {len(methods)} methods, B={bs}, {steps} steps each ...")
         res: dict[str, Any] = {"description": spec.description, "batch_size": bs}
-        res["timing"] = time_model(spec, bs, steps, methods, log)
-        if memory:
+        res["timing"] = time_model(spec, bs, steps, methods, log, device)
+        if memory and device.type == "cuda":
+            log(f"[{name}] peak CUDA memory ...")
+            res["memory"] = {m: measure_memory_cuda(name, m, bs, device) for m in methods}
+        elif memory:
             log(f"[{name}] peak memory (one subprocess per method) ...")
             res["memory"] = {m: measure_memory(name, m, bs) for m in methods}
         if not args.no_check:
             log(f"[{name}] correctness check ...")
             try:
-                res["check"] = check_model(spec, bs, log, methods)
+                res["check"] = check_model(spec, bs, log, methods, device)
             except Exception:
                 res["check"] = {"all": {"error": traceback.format_exc().splitlines()[-1]}}
         res["seconds"] = time.perf_counter() - t0
@@ -849,7 +904,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = results["environment"]
     print(
-        f"torch {env['torch']}, opacus {env['opacus']}, {env['threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
+        f"torch {env['torch']}, opacus {env['opacus']}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", {env['threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
         f"sigma={NOISE}, C={CLIP}, flat clipping, poisson_sampling=False, {steps} timed steps (median), {WARMUP} warm-up"
     )
     print()
