@@ -768,9 +768,38 @@ def test_conv_patches_ghost_norm(B, dim, groups, k, stride, dilation, padding, m
         want[i] = w.pow(2).sum()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rules_mod, "_CHUNK_NUMBERS", chunk)
-        got = rules_mod._conv_ghost_sq(layer, x, g)
+        kept: list = []
+        got = rules_mod._conv_ghost_sq(layer, x, g, kept)
     assert got.shape == (B,)
     torch.testing.assert_close(got, want, **TOL)
+    if B:  # the clipped sum from the patches the norm pass kept
+        scale = torch.rand(B, dtype=DT, generator=torch.Generator().manual_seed(4))
+        psg = rules_mod._conv_weight_psg(layer, x, g)
+        got_sum = rules_mod._conv_sum_from_patches(layer, g, scale, kept)
+        torch.testing.assert_close(got_sum, torch.tensordot(scale, psg, dims=1), **TOL)
+
+
+def test_conv_clipped_sum_reuses_the_norm_pass_patches(monkeypatch):
+    """Through the rule interface with a scratch dict: the norm pass leaves the patches, the
+    clipped-sum pass uses them (no weight-gradient kernel call) and equals the oracle."""
+    layer = randomise(nn.Conv2d(16, 32, 4, stride=2))  # W2's second layer
+    x = randn(5, 16, 13, 13)
+    with torch.no_grad():
+        g = randn(*layer(x).shape, seed=3)
+    assert rules_mod._conv_norm_path(layer, x, g) == "ghost"
+    scratch: dict = {}
+    rule = rule_for(layer)
+    assert rule.scratch
+    rule.sq_norms(layer, x, g, scratch=scratch)
+    assert scratch.get("patches")
+    psg = rules_mod._conv_psg(layer, x, g)
+    calls = []
+    monkeypatch.setitem(rules_mod._CONV_WEIGHT_GRAD, 2, lambda *a, **k: calls.append(1))
+    scales = {"weight": torch.rand(5, dtype=DT), "bias": torch.rand(5, dtype=DT)}
+    got = rule.clipped_sum(layer, x, g, scales, scratch=scratch)
+    assert not calls
+    for n in ("weight", "bias"):
+        torch.testing.assert_close(got[n], torch.tensordot(scales[n], psg[n], dims=1), **TOL)
 
 
 @pytest.mark.parametrize(

@@ -353,6 +353,7 @@ class GradSampler:
         self._backward_seen = False
         self._suspended = 0
         self._grad_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._scratch: dict[int, dict] = {}  # per call: what a rule's norm pass leaves its sum pass
         self._handles: list[Any] = []
         for i, unit in enumerate(self.units):
             self._handles.append(
@@ -433,6 +434,7 @@ class GradSampler:
     def clear(self) -> None:
         """Drop the captured tensors (call after each optimizer step)."""
         self._grad_cache = {}
+        self._scratch = {}
         self._calls = [[] for _ in self.units]
         self._round = 0
         self._backward_seen = False
@@ -551,6 +553,7 @@ class GradSampler:
             g = grad.detach()
             self._backward_seen = True
             self._grad_cache.pop(id(call), None)  # a new output gradient: this call's cache is stale
+            self._scratch.pop(id(call), None)
             call.pieces = None
             if unit.rule is not None and len(call.grads) == 1 and self._eager(unit, call, g):
                 # the plan materialises this call: form its per-sample gradients now (linear in
@@ -809,11 +812,12 @@ class GradSampler:
                                 out[p] = sq[n]
                     elif single and unit.rule is not None and call.psg is None and not unit.rule.materialised and self.ghost != "never":
                         a, g = _rule_activation(call), _rule_backprop(unit, call)
+                        kw = {"scratch": self._scratch.setdefault(id(call), {})} if unit.rule.scratch else {}
                         if self.ghost == "always":
                             with _ghost_forced_on():
-                                sq = unit.rule.sq_norms(unit.module, a, g)
+                                sq = unit.rule.sq_norms(unit.module, a, g, **kw)
                         else:
-                            sq = unit.rule.sq_norms(unit.module, a, g)
+                            sq = unit.rule.sq_norms(unit.module, a, g, **kw)
                         for n, p in single:
                             if n in sq:
                                 out[p] = sq[n]
@@ -879,7 +883,8 @@ class GradSampler:
                             n: (scales[p] if p in scales else torch.zeros(batch, device=p.device, dtype=p.dtype))
                             for n, p in unit.params
                         }
-                        res = unit.rule.clipped_sum(unit.module, a, g, s)
+                        kw = {"scratch": self._scratch.get(id(call))} if unit.rule.scratch else {}
+                        res = unit.rule.clipped_sum(unit.module, a, g, s, **kw)
                     elif self._pieces(unit, call) is not None:
                         res = _mha.clipped_sums(unit.module, call.pieces, {n: scales[p] for n, p in wanted})
                     else:

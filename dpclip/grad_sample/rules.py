@@ -69,6 +69,10 @@ class LayerRule:
     # captures and use sq_norms (ghost norm) and clipped_sum (book-keeping contraction).
     # None: never (materialised rules are always materialised).
     plan: Callable[[nn.Module, torch.Tensor, torch.Tensor], bool] | None = None
+    # True: sq_norms and clipped_sum take a keyword ``scratch``, a dict the engine keeps per
+    # call and output gradient, so that the norm pass can leave what the clipped-sum pass
+    # reuses (the conv ghost norm's patches).
+    scratch: bool = False
 
     def materialise(self, module: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
         """Whether the engine should materialise this call's per-sample gradients (see ``plan``)."""
@@ -276,10 +280,12 @@ def _conv_patches(module: nn.modules.conv._ConvNd, activations: torch.Tensor) ->
     return xc.as_strided(shape, strides).reshape(B * G, math.prod(Ls), math.prod(k) * Cg)
 
 
-def _conv_ghost_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
+def _conv_ghost_sq(module: nn.modules.conv._ConvNd, activations, backprops, keep: list | None = None) -> torch.Tensor:
     """Per-sample squared weight-gradient norms ``[B]``: the ghost norm (Li et al. 2022) of the
     equivalent Linear map per group, ``<a a^T, g g^T>`` over output positions, from
-    :func:`_conv_patches`, a few samples at a time (patches under :data:`_CHUNK_NUMBERS`)."""
+    :func:`_conv_patches`, a few samples at a time (patches under :data:`_CHUNK_NUMBERS`).
+    ``keep``: a list that receives ``(i, j, patches)`` of every piece, for
+    :func:`_conv_sum_from_patches`."""
     B = activations.shape[0]
     G = module.groups
     L, d, _, _ = _conv_shapes(module, activations, backprops)
@@ -287,11 +293,34 @@ def _conv_ghost_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> t
 
     def piece(i: int, j: int) -> torch.Tensor:
         a = _conv_patches(module, activations[i:j])
+        if keep is not None:
+            keep.append((i, j, a))  # list.append is atomic: pieces may finish on any thread
         g = backprops[i:j].reshape((j - i) * G, backprops.shape[1] // G, L).to(a.dtype)
         return _ghost_sq(a, g.transpose(1, 2)).view(j - i, G).sum(1)
 
     out = _map_chunks(piece, B, _spread(chunk, B, activations.device), activations.device)
     return torch.cat(out) if out else activations.new_zeros(0)
+
+
+def _conv_sum_from_patches(module: nn.modules.conv._ConvNd, backprops, scale: torch.Tensor, pieces: list) -> torch.Tensor:
+    """``sum_i scale_i g_i`` for the weight, from the patches the norm pass kept: per group one
+    matmul of the scaled output gradients ``[Og, B L]`` with the patches ``[B L, K Cg]``, then
+    the ``(K, Cg)`` order of a patch turned into the weight's ``(Cg, K)``. Shapes: ``backprops
+    [B, O, *L]``, ``scale [B]``; returns ``weight``'s shape."""
+    G = module.groups
+    O = backprops.shape[1]
+    K = math.prod(module.kernel_size)
+    L = math.prod(backprops.shape[2:])
+    total = None
+    for i, j, a in sorted(pieces, key=lambda piece: piece[0]):  # a: [m G, L, K Cg]; fixed order
+        m = j - i
+        g = backprops[i:j].reshape(m, G, O // G, L).to(a.dtype) * scale[i:j].to(a.dtype).view(m, 1, 1, 1)
+        g = g.permute(1, 2, 0, 3).reshape(G, O // G, m * L)
+        part = torch.bmm(g, a.view(m, G, L, -1).transpose(0, 1).reshape(G, m * L, -1))  # [G, Og, K Cg]
+        total = part if total is None else total.add_(part)
+    Cg = total.shape[-1] // K
+    w = total.view(G, O // G, K, Cg).permute(0, 1, 3, 2).reshape(O, Cg, *module.kernel_size)
+    return w.to(module.weight.dtype)
 
 
 def _conv_bias_grad(backprops: torch.Tensor) -> torch.Tensor:
@@ -563,7 +592,7 @@ def _conv_psg(module, activations, backprops) -> Grads:
 
 
 @torch.no_grad()
-def _conv_sq(module, activations, backprops) -> Grads:
+def _conv_sq(module, activations, backprops, scratch: dict | None = None) -> Grads:
     out: Grads = {}
     if _trainable(module, "weight"):
         B = activations.shape[0]
@@ -571,7 +600,14 @@ def _conv_sq(module, activations, backprops) -> Grads:
         if path == "gram":
             out["weight"] = _conv_gram_sq(module, activations, backprops)
         elif path == "ghost":
-            out["weight"] = _conv_ghost_sq(module, activations, backprops)
+            L, d, _, G = _conv_shapes(module, activations, backprops)
+            # keep the patches for the clipped sum while they are at most twice the captures
+            # (W2's 16->32 layer: 1.6M numbers against 0.9M; its clipped sum then costs one
+            # matmul instead of the weight-gradient kernel)
+            keep = [] if scratch is not None and B * G * L * d <= 2 * (activations.numel() + backprops.numel()) else None
+            out["weight"] = _conv_ghost_sq(module, activations, backprops, keep)
+            if keep is not None:
+                scratch["patches"] = keep
         else:
             # per-sample gradients for the norm only, a few samples at a time
             out["weight"] = torch.cat(
@@ -586,9 +622,13 @@ def _conv_sq(module, activations, backprops) -> Grads:
 
 
 @torch.no_grad()
-def _conv_clipped(module, activations, backprops, scales) -> Grads:
+def _conv_clipped(module, activations, backprops, scales, scratch: dict | None = None) -> Grads:
     out: Grads = {}
-    if _trainable(module, "weight"):
+    kept = scratch.get("patches") if scratch is not None else None
+    if _trainable(module, "weight") and kept:
+        # the norm pass's patches: one matmul, no weight-gradient kernel
+        out["weight"] = _conv_sum_from_patches(module, backprops, _scale(scales, "weight", backprops), kept)
+    elif _trainable(module, "weight"):
         # book-keeping through torch's own conv weight-gradient kernel on scaled output
         # gradients (or scaled inputs, whichever is smaller): no unfold (Bu et al. 2023; the
         # clipped sum is linear in g)
@@ -614,7 +654,7 @@ def _conv_clipped(module, activations, backprops, scales) -> Grads:
     return out
 
 
-CONV_RULE = LayerRule(_conv_psg, _conv_sq, _conv_clipped, plan=_conv_plan)
+CONV_RULE = LayerRule(_conv_psg, _conv_sq, _conv_clipped, plan=_conv_plan, scratch=True)
 
 
 # --------------------------------------------------------------------------- Embedding
