@@ -298,7 +298,8 @@ def _conv_ghost_sq(module: nn.modules.conv._ConvNd, activations, backprops, keep
         g = backprops[i:j].reshape((j - i) * G, backprops.shape[1] // G, L).to(a.dtype)
         return _ghost_sq(a, g.transpose(1, 2)).view(j - i, G).sum(1)
 
-    out = _map_chunks(piece, B, _spread(chunk, B, activations.device), activations.device)
+    spread = _spread(chunk, B, activations.device, B * G * L * d)
+    out = _map_chunks(piece, B, spread, activations.device)
     return torch.cat(out) if out else activations.new_zeros(0)
 
 
@@ -381,10 +382,17 @@ def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, 
     return out
 
 
-def _spread(chunk: int, batch: int, device: torch.device) -> int:
+_SPREAD_MIN = 1 << 16  # numbers of temporaries below which a batch is not split across threads
+
+
+def _spread(chunk: int, batch: int, device: torch.device, numbers: int) -> int:
     """``chunk``, lowered so that a CPU batch splits into at least one piece per torch thread
-    (:func:`_map_chunks` then runs the pieces side by side, each on one thread)."""
+    (:func:`_map_chunks` then runs the pieces side by side, each on one thread), unless the
+    work is small (``numbers``, the size of its temporaries over the whole batch, below
+    :data:`_SPREAD_MIN`): then handing pieces to another thread costs more than it saves."""
     threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if numbers < _SPREAD_MIN:
+        return max(1, chunk)
     return max(1, min(chunk, -(-batch // max(1, threads))))
 
 
@@ -425,7 +433,7 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
             # [m G, Og, Cg K]
             torch.bmm(g[i:j].reshape((j - i) * G, O // G, L), cols.transpose(1, 2), out=w[i * G : j * G])
 
-        _map_chunks(unfolded, B, _spread(chunk, B, x.device), x.device)
+        _map_chunks(unfolded, B, _spread(chunk, B, x.device, B * L * C * math.prod(k)), x.device)
         return out
     if n == 2 and C == 1 and G == 1:
         # one input channel, a wide kernel (an MNIST first layer, 8x8): gather the patches
@@ -445,7 +453,7 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
             a = patches.reshape(j - i, Lh * Lw, kh * kw)
             torch.bmm(g[i:j].reshape(j - i, O, Lh * Lw), a, out=w[i:j])  # [m, O, K]
 
-        _map_chunks(gathered, B, _spread(chunk, B, x.device), x.device)
+        _map_chunks(gathered, B, _spread(chunk, B, x.device, B * L * C * math.prod(k)), x.device)
         return out
     weight_grad = _CONV_WEIGHT_GRAD[n]
 
@@ -577,7 +585,8 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
             patches = view.clone() if patches is None else patches.add_(view)
         return patches.mul_(gg).flatten(1).sum(1).view(m, G).sum(1)
 
-    out = _map_chunks(piece, B, _spread(chunk, B, activations.device), activations.device)
+    spread = _spread(chunk, B, activations.device, B * G * max(P * P, L * L))
+    out = _map_chunks(piece, B, spread, activations.device)
     return torch.cat(out) if out else activations.new_zeros(0)
 
 
@@ -822,7 +831,7 @@ def _in_chunks(per_sample: Callable[[nn.Module, torch.Tensor, torch.Tensor], Gra
     def run(module, activations, backprops):
         B = activations.shape[0]
         per = max(1, activations[0].numel()) if B else 1
-        chunk = _spread(max(1, _CHUNK_NUMBERS // per), B, activations.device)
+        chunk = _spread(max(1, _CHUNK_NUMBERS // per), B, activations.device, B * per)
         if B <= chunk:
             return per_sample(module, activations, backprops)
         parts = _map_chunks(lambda i, j: per_sample(module, activations[i:j], backprops[i:j]), B, chunk, activations.device)
