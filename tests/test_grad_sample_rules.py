@@ -682,8 +682,9 @@ def test_conv_per_sample_paths(make, shape, unfold_max, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
+    path=st.sampled_from(["gram", "ghost"]),
     B=st.integers(0, 4),
     dim=st.sampled_from([1, 2, 3]),
     groups=st.sampled_from([1, 2]),
@@ -694,13 +695,15 @@ def test_conv_per_sample_paths(make, shape, unfold_max, monkeypatch):
     mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
     chunk=st.sampled_from([1, 50, 1 << 22]),
 )
-def test_conv_gram_ghost_norm(B, dim, groups, k, stride, dilation, padding, mode, chunk):
-    """The Gram-over-positions ghost norm (E16) equals the oracle's squared norms, for every
-    stride, dilation, padding (mode), groups and 1-3 spatial dims, in chunks of samples."""
+def test_conv_ghost_norms(path, B, dim, groups, k, stride, dilation, padding, mode, chunk):
+    """Both conv ghost norms (E16), from the Gram matrix over positions and from channels-last
+    patches, equal per-sample autograd for every stride, dilation, padding (mode), groups and
+    1-3 spatial dims, in chunks of samples; and the clipped sum from the kept patches equals
+    the oracle's weighted sum."""
     if padding == "same":
         stride = 1
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
-    layer = randomise(cls(2 * groups, 2 * groups, k, stride=stride, padding=padding,
+    layer = randomise(cls(2 * groups, 3 * groups, k, stride=stride, padding=padding,
                           dilation=dilation, groups=groups, padding_mode=mode))
     size = {1: (9,), 2: (6, 7), 3: (5, 6, 5)}[dim]
     x = randn(B, 2 * groups, *size)
@@ -710,11 +713,20 @@ def test_conv_gram_ghost_norm(B, dim, groups, k, stride, dilation, padding, mode
     for i in range(B):
         (w,) = torch.autograd.grad((layer(x[i : i + 1]) * g[i : i + 1]).sum(), layer.weight)
         want[i] = w.pow(2).sum()
+    kept: list = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rules_mod, "_GRAM_MAX_NUMBERS", chunk)
-        got = rules_mod._conv_gram_sq(layer, x, g)
+        mp.setattr(rules_mod, "_GRAM_MAX_NUMBERS" if path == "gram" else "_CHUNK_NUMBERS", chunk)
+        if path == "gram":
+            got = rules_mod._conv_gram_sq(layer, x, g)
+        else:
+            got = rules_mod._conv_ghost_sq(layer, x, g, kept)
     assert got.shape == (B,)
     torch.testing.assert_close(got, want, **TOL)
+    if kept:  # the clipped sum from the patches the norm pass kept
+        scale = torch.rand(B, dtype=DT, generator=torch.Generator().manual_seed(4))
+        psg = rules_mod._conv_weight_psg(layer, x, g)
+        got_sum = rules_mod._conv_sum_from_patches(layer, g, scale, kept)
+        torch.testing.assert_close(got_sum, torch.tensordot(scale, psg, dims=1), **TOL)
 
 
 def test_conv_norm_path_choice_and_float32():
@@ -735,48 +747,6 @@ def test_conv_norm_path_choice_and_float32():
         ref = rules_mod._conv_weight_psg(layer.double(), x.double(), g.double()).flatten(1).pow(2).sum(1)
         got = rules_mod._conv_sq(layer.float(), x, g)["weight"]
         assert ((got.double() - ref).abs() / ref).max().item() < 1e-5
-
-
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
-@settings(max_examples=40, deadline=None)
-@given(
-    B=st.integers(0, 4),
-    dim=st.sampled_from([1, 2, 3]),
-    groups=st.sampled_from([1, 2]),
-    k=st.integers(1, 3),
-    stride=st.integers(1, 2),
-    dilation=st.integers(1, 2),
-    padding=st.sampled_from([0, 1, 2, "same"]),
-    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
-    chunk=st.sampled_from([1, 50, 1 << 20]),
-)
-def test_conv_patches_ghost_norm(B, dim, groups, k, stride, dilation, padding, mode, chunk):
-    """The ghost norm from channels-last patches equals per-sample autograd, for every stride,
-    dilation, padding (mode), groups and 1-3 spatial dims, in chunks of samples."""
-    if padding == "same":
-        stride = 1
-    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
-    layer = randomise(cls(2 * groups, 3 * groups, k, stride=stride, padding=padding,
-                          dilation=dilation, groups=groups, padding_mode=mode))
-    size = {1: (9,), 2: (6, 7), 3: (5, 6, 5)}[dim]
-    x = randn(B, 2 * groups, *size)
-    with torch.no_grad():
-        g = randn(*layer(x).shape, seed=3)
-    want = torch.zeros(B, dtype=DT)
-    for i in range(B):
-        (w,) = torch.autograd.grad((layer(x[i : i + 1]) * g[i : i + 1]).sum(), layer.weight)
-        want[i] = w.pow(2).sum()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rules_mod, "_CHUNK_NUMBERS", chunk)
-        kept: list = []
-        got = rules_mod._conv_ghost_sq(layer, x, g, kept)
-    assert got.shape == (B,)
-    torch.testing.assert_close(got, want, **TOL)
-    if B:  # the clipped sum from the patches the norm pass kept
-        scale = torch.rand(B, dtype=DT, generator=torch.Generator().manual_seed(4))
-        psg = rules_mod._conv_weight_psg(layer, x, g)
-        got_sum = rules_mod._conv_sum_from_patches(layer, g, scale, kept)
-        torch.testing.assert_close(got_sum, torch.tensordot(scale, psg, dims=1), **TOL)
 
 
 def test_conv_clipped_sum_reuses_the_norm_pass_patches(monkeypatch):
