@@ -829,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stable-malloc", action="store_true",
         help="rerun under GLIBC_TUNABLES with a fixed mmap threshold (32 MiB) and no heap trimming, so "
-        "that freed memory is reused instead of being faulted in again on the next step (see docs/benchmarks.md)",
+        "that the allocator's state, and with it the page faults per step, depends less on what ran before (see docs/benchmarks.md)",
     )
     ap.add_argument("--_mem-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
