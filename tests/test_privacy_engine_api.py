@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 def main(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
-    data = TensorDataset(torch.randn(256, 10), torch.randint(0, 2, (256,)))
+    x = torch.randn(256, 10)
+    data = TensorDataset(x, (x[:, 0] + 0.5 * x[:, 1] > 0).long())  # learnable: a linear rule
     train_loader = DataLoader(data, batch_size=32, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
@@ -79,7 +80,7 @@ def test_an_opacus_script_runs_unchanged_and_reports_the_same_epsilon(mode):
     ours = _run_script("from dpclip import PrivacyEngine", mode)
     assert ours[0] == ours[2]
     assert abs(ours[0] / theirs[0] - 1) < 0.01, (ours, theirs)
-    assert ours[1] > 0.5  # it trained
+    assert ours[1] > 0.75  # it trained (random guessing: 0.5)
 
 
 RESUME_SCRIPT = textwrap.dedent('''
