@@ -1026,3 +1026,35 @@ def test_reused_linear_ghost_norm_has_the_cross_terms(ghost, monkeypatch):
     if ghost != "never":
         assert 4 in calls  # shared.weight: two calls of 2 positions each, one ghost norm
     check(model, x, y, ghost=ghost)
+
+
+def test_conv_patches_kept_between_the_passes_match_the_loop_oracle():
+    """A W2-like second conv (16 -> 32, 4x4, stride 2) takes the patches' ghost norm and keeps
+    its patches for the clipped sum (design E16): the sampler's norms and clipped sums equal
+    the per-sample loop, also after a second backward through the same graph (the kept
+    patches are dropped with the new output gradient, and the captures add up)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 32, 4, 2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(32 * 25, 3),
+    ).to(DT)
+    x = torch.randn(4, 2, 13, 13, dtype=DT)
+    y = torch.tensor([0, 1, 2, 1])
+    oracle = per_sample_grads_loop(model, ce_sum, x, y)
+    names = {p: n for n, p in model.named_parameters()}
+    with GradSampler(model, loss_reduction="sum") as gs:
+        out = model(x)
+        ce_sum(out, y).backward(retain_graph=True)
+        scales = {p: torch.rand(4, dtype=DT, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(gs.parameters)}
+        for rounds in (1, 2):
+            sq = gs.per_sample_sq_norms()
+            conv2 = gs._calls[next(i for i, u in enumerate(gs.units) if u.module is model[2])][0]
+            assert gs._scratch[id(conv2)].get("patches")  # the norm pass kept them
+            sums = gs.clipped_sums(scales)
+            for p in gs.parameters:
+                want = oracle[names[p]] * rounds
+                torch.testing.assert_close(sq[p], want.flatten(1).pow(2).sum(1), **TOL)
+                torch.testing.assert_close(sums[p], torch.tensordot(scales[p], want, dims=1), **TOL)
+            if rounds == 1:
+                ce_sum(out, y).backward()  # a second backward: gradients add, the scratch goes
+                assert id(conv2) not in gs._scratch
