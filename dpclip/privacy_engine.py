@@ -114,6 +114,12 @@ class _Attachment:
     world_size: int = 1
 
     @property
+    def divided(self) -> bool:
+        """Clipped sums come already divided by ``expected_units`` (the factor rides on the
+        per-sample scales), and so does the noise std: per-sample clipping outside secure mode."""
+        return self.sampler is not None and not self.secure
+
+    @property
     def clipper(self):
         if self.clipping == "automatic":
             return AutomaticClipping()
@@ -503,7 +509,7 @@ class PrivacyEngine:
                 att.sampler.set_skip_param_grads(True)
             groups = None if len(att.groups) == 1 else att.groups
             # the average's 1 / expected size rides on the per-sample scales (no pass over the sums)
-            scale = 1.0 if att.secure else 1.0 / att.expected_units
+            scale = 1.0 / att.expected_units if att.divided else 1.0
             sums, norms = clip_and_sum(att.sampler, att.clipper, groups, scale=scale)
         else:
             grads = {p: p.grad for p in att.params if p.grad is not None}
@@ -536,9 +542,7 @@ class PrivacyEngine:
         sigma_grad = gradient_noise_multiplier(sigma, sigma_c)
         noise_cls = noise_module.SecureGaussianNoise if att.secure else GaussianNoise
         full = {p: sums[p] if p in sums else torch.zeros_like(p) for p in att.params}
-        # per-sample clipping (not secure mode) summed already divided by the expected size:
-        # the noise std is divided alike, and nothing is divided afterwards
-        divided = att.sampler is not None and not att.secure
+        divided = att.divided  # the noise std is divided alike, and nothing afterwards
         sensitivity = att.sensitivity / att.expected_units if divided else att.sensitivity
         if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once
             distributed.all_reduce_sum_(list(full.values()))

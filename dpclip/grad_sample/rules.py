@@ -265,9 +265,7 @@ def _conv_patches(module: nn.modules.conv._ConvNd, activations: torch.Tensor) ->
     ``Cg`` contiguous numbers: 0.45 ms for W2's 16->32 4x4 stride-2 layer, where
     ``F.unfold`` (im2col) took 6 ms.
     """
-    x, padding = _conv_input(module, activations)
-    if isinstance(padding, tuple) and any(padding):
-        x = F.pad(x, [v for q in reversed(padding) for v in (q, q)])
+    x = _conv_padded(module, activations)
     B, C = x.shape[0], x.shape[1]
     n, G = x.dim() - 2, module.groups
     Cg = C // G
@@ -343,6 +341,14 @@ def _conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor):
         flat = [v for l_r in reversed(pads) for v in l_r]  # F.pad wants the last dim first
         x = F.pad(x, flat, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     return x, 0
+
+
+def _conv_padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the module's padding applied, whatever its mode (a copy only if there is any)."""
+    x, padding = _conv_input(module, x)
+    if isinstance(padding, tuple) and any(padding):
+        x = F.pad(x, [v for q in reversed(padding) for v in (q, q)])  # F.pad wants the last dim first
+    return x
 
 
 _PSG_CHUNK = 32  # samples per weight-gradient kernel call (measured on 2 CPU threads: one call
@@ -439,9 +445,7 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
         # one input channel, a wide kernel (an MNIST first layer, 8x8): gather the patches
         # from a strided view (one copy, no im2col kernel) and one batched matmul; 4.9 against
         # 6.5 ms through the grouped kernel for W2's 1->16 8x8 stride-2 layer (1 thread)
-        pad = padding if isinstance(padding, tuple) else (0, 0)
-        if any(pad):
-            x = F.pad(x, [pad[1], pad[1], pad[0], pad[0]])
+        x = _conv_padded(module, activations)
         H, W = x.shape[2], x.shape[3]
         (kh, kw), (sh, sw), (dh, dw) = k, module.stride, module.dilation
         Lh, Lw = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
@@ -541,7 +545,7 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
     ``g x_k^T`` with ``x_k [Cg, L]`` the input positions that offset reads. Its squared norm,
     summed over offsets, is ``sum_{l, l'} (g^T g)[l, l'] sum_k (x^T x)[pos_k(l), pos_k(l')]``:
     the ghost norm of Li et al. (2022) with the patches' Gram matrix ``sum_k x_k^T x_k`` read
-    off the ``[P, P]`` Gram matrix of the unpadded-channel input through strided views (one view
+    off the ``[P, P]`` Gram matrix of the padded input through strided views (one view
     per offset), instead of from unfolded patches. That costs ``P^2 Cg + L^2 Og`` multiply-adds
     and ``K L^2`` additions per sample against ``L Cg K Og`` for the per-sample gradient, and
     wins for small feature maps with many channels (W3's 8x8 and 4x4 layers: 8 and 1.4 ms
@@ -553,9 +557,7 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
     B = activations.shape[0]
     G = module.groups
     n = len(module.kernel_size)
-    x, padding = _conv_input(module, activations)
-    if isinstance(padding, tuple) and any(padding):
-        x = F.pad(x, [v for q in reversed(padding) for v in (q, q)])
+    x = _conv_padded(module, activations)
     S = x.shape[2:]
     P = math.prod(S)
     C, O = x.shape[1], backprops.shape[1]
