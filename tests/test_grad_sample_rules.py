@@ -277,29 +277,53 @@ def test_conv2d_hypothesis(B, groups, k, stride, dilation, padding, mode, bias):
         mp.undo()
 
 
-@settings(max_examples=15, deadline=None)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@settings(max_examples=40, deadline=None)
 @given(
-    B=st.integers(1, 3),
-    k=st.tuples(st.integers(5, 8), st.integers(6, 9)),  # C K > 32: the one-channel gather path
+    B=st.integers(1, 4),
+    dim=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2, 3]),
+    cg=st.integers(1, 3),  # input channels per group (1 in 1-D)
+    mult=st.integers(1, 3),
+    k=st.tuples(st.integers(1, 8), st.integers(1, 9)),
     stride=st.tuples(st.integers(1, 2), st.integers(1, 3)),
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    padding=st.sampled_from([(0, 0), (1, 2), (3, 0), "same"]),
     mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
     bias=st.booleans(),
+    spread=st.booleans(),
 )
-def test_conv2d_one_input_channel_wide_kernel(B, k, stride, dilation, padding, mode, bias):
-    layer = randomise(nn.Conv2d(1, 3, k, stride=stride, padding=padding, dilation=dilation,
-                                bias=bias, padding_mode=mode))
+def test_conv_few_input_channels_per_group(B, dim, groups, cg, mult, k, stride, dilation, padding, mode, bias, spread):
+    """The forward-conv path (few input channels per group: MNIST and RGB first layers,
+    depthwise convs) against the float64 loop oracle, for every stride, dilation, padding
+    (mode), groups and channel multiplier, with the batch in one piece or spread over threads."""
+    if padding == "same":
+        stride = (1, 1)
+    if dim == 1:
+        cg = 1
+    pick = (lambda t: t[:dim]) if dim == 2 else (lambda t: t[1:])
+    cls = nn.Conv2d if dim == 2 else nn.Conv1d
+    pad = padding if padding == "same" else pick(padding)
+    layer = randomise(cls(groups * cg, groups * mult, pick(k), stride=pick(stride), padding=pad,
+                          dilation=pick(dilation), groups=groups, bias=bias, padding_mode=mode))
+    spatial = (19, 21) if dim == 2 else (23,)
     mp = pytest.MonkeyPatch()
+    calls = []
+    by_forward = rules_mod._conv_psg_by_forward
     try:
-        check_layer(layer, randn(B, 1, 19, 21), mp)
+        mp.setattr(rules_mod, "_conv_psg_by_forward", lambda *a: calls.append(1) or by_forward(*a))
+        if spread:
+            mp.setattr(rules_mod, "_SPREAD_MIN", 0)
+        check_layer(layer, randn(B, groups * cg, *spatial), mp)
     finally:
         mp.undo()
+    assert calls  # the per-sample gradients came from this path
 
 
-def test_conv2d_one_input_channel_uses_the_gather_path(monkeypatch):
-    """W2's first layer (1 -> 16, 8x8, stride 2, padding 3): per-sample gradients without the
-    grouped weight-gradient kernel, equal to the oracle."""
+def test_conv2d_one_input_channel_uses_the_forward_path(monkeypatch):
+    """W2's first layer (1 -> 16, 8x8, stride 2, padding 3): per-sample gradients from one
+    forward conv, neither the weight-gradient kernel nor unfold, equal to the oracle; also with
+    the batch split across threads."""
     layer = randomise(nn.Conv2d(1, 4, 8, stride=2, padding=3))
     x = randn(3, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
@@ -307,8 +331,11 @@ def test_conv2d_one_input_channel_uses_the_gather_path(monkeypatch):
     oracle = per_sample_grads_loop(layer, sq_loss, x, y)
     a, g = capture(layer, x, y)
     monkeypatch.setattr(rules_mod, "_CONV_WEIGHT_GRAD", {})  # the grouped kernel path would KeyError
-    psg = rule_for(layer).per_sample_grads(layer, a, g)
-    torch.testing.assert_close(psg["weight"], oracle["weight"], **TOL)
+    monkeypatch.setattr(rules_mod.F, "unfold", None)  # the unfold path would fail
+    for spread_min in (1 << 16, 0):
+        monkeypatch.setattr(rules_mod, "_SPREAD_MIN", spread_min)
+        psg = rule_for(layer).per_sample_grads(layer, a, g)
+        torch.testing.assert_close(psg["weight"], oracle["weight"], **TOL)
 
 
 # --------------------------------------------------------------------------- Embedding
@@ -676,6 +703,7 @@ def test_materialise_plan(make, shape, want):
 def test_conv_per_sample_paths(make, shape, unfold_max, monkeypatch):
     """Both per-sample weight-gradient paths (unfold + bmm, grouped weight-gradient kernel in
     chunks of samples) against the oracle; chunks smaller than the batch."""
+    monkeypatch.setattr(rules_mod, "_FORWARD_PSG_MAX_CG", {})  # tested on its own above
     monkeypatch.setattr(rules_mod, "_UNFOLD_MAX_D", unfold_max)
     monkeypatch.setattr(rules_mod, "_PSG_CHUNK", 2)
     check_layer(randomise(make()), randn(*shape), monkeypatch)
@@ -737,7 +765,7 @@ def test_conv_norm_path_choice_and_float32():
         (nn.Conv2d(64, 64, 3, padding=1), (4, 64, 8, 8), "gram"),
         (nn.Conv2d(64, 128, 3, padding=1), (4, 64, 4, 4), "gram"),
         (nn.Conv2d(16, 32, 4, 2), (4, 16, 13, 13), "ghost"),
-        (nn.Conv2d(16, 32, 3, padding=1, groups=2), (4, 16, 8, 8), "psg"),
+        (nn.Conv2d(16, 32, 3, padding=1, groups=2), (4, 16, 16, 16), "psg"),
     ]
     for layer, shape, want in cases:
         x = torch.randn(shape)
@@ -777,7 +805,7 @@ def test_conv_clipped_sum_reuses_the_norm_pass_patches(monkeypatch):
     [
         (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)),  # unfold + bmm
         (lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2, padding=1), (5, 4, 11)),  # unfold, groups
-        (lambda: nn.Conv2d(1, 3, 6, stride=2, padding=2), (5, 1, 13, 12)),  # one input channel
+        (lambda: nn.Conv2d(1, 3, 6, stride=2, padding=2), (5, 1, 13, 12)),  # one input channel, kernel path
         (lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3)),
         (lambda: nn.LayerNorm(6), (5, 3, 6)),
         (lambda: nn.InstanceNorm1d(3, affine=True), (5, 3, 7)),
@@ -787,6 +815,7 @@ def test_conv_clipped_sum_reuses_the_norm_pass_patches(monkeypatch):
 def test_rules_in_chunks_of_samples(make, shape, monkeypatch):
     """Rules that work on a few samples at a time (to keep temporaries small) give the
     oracle's values when the batch is cut into pieces of one and two samples."""
+    monkeypatch.setattr(rules_mod, "_FORWARD_PSG_MAX_CG", {})  # the conv paths that chunk
     for numbers in (1, 2 * math.prod(shape[1:]) * 36):
         with monkeypatch.context() as mp:
             mp.setattr(rules_mod, "_CHUNK_NUMBERS", numbers)

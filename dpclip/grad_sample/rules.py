@@ -191,17 +191,20 @@ def _linear_plan(module: nn.Linear, activations, backprops) -> bool:
 def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
     a, g = _linear_flat(activations, backprops)
     out: Grads = {}
+    T = a.shape[1]
+    # one position: the bias gradient is g itself, and its squared norm serves the weight too
+    g_sq = _sq(g[:, 0]) if T == 1 else None
     if _trainable(module, "weight"):
-        T, d, p = a.shape[1], a.shape[2], g.shape[2]
+        d, p = a.shape[2], g.shape[2]
         if T == 1 and not _ghost_overridden():
             # ||g a^T||^2 = |a|^2 |g|^2 for one position
-            out["weight"] = _sq(a).mul_(_sq(g))
+            out["weight"] = _sq(a[:, 0]).mul_(g_sq)
         elif use_ghost(T, d, p):
             out["weight"] = _ghost_sq(a, g)
         else:
             out["weight"] = _sq(torch.bmm(g.transpose(1, 2), a))
     if _trainable(module, "bias"):
-        out["bias"] = _sq(g.sum(1))
+        out["bias"] = g_sq if T == 1 else _sq(g.sum(1))
     return out
 
 
@@ -402,13 +405,57 @@ def _spread(chunk: int, batch: int, device: torch.device, numbers: int) -> int:
     return max(1, min(chunk, -(-batch // max(1, threads))))
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_psg_by_forward(module: nn.modules.conv._ConvNd, x, padding, g, out) -> torch.Tensor:
+    """Per-sample weight gradients of a conv with few input channels per group, as one forward
+    conv (the "batched" method of Rochette et al. 2019, arXiv:1912.06015):
+    ``G_i[o, c, k] = sum_l g_i[o, l] x_i[c, s l + d k]`` is a conv whose input has the
+    ``Cg`` channels of a group as its batch and the ``B G`` (sample, group) pairs as its
+    channels, whose kernel is ``g`` (``B O`` filters, ``groups = B G``), with the module's
+    stride and dilation swapped.
+
+    Shapes: ``x [B, C, *S]`` (as :func:`_conv_input` returns it, with ``padding``),
+    ``g [B, O, *L]``; fills and returns ``out [B, O, Cg, *k]``. The input is a view for
+    ``Cg = 1`` and a copy the size of ``x`` otherwise: no patches. Used where torch's forward
+    kernel measured faster than the weight-gradient kernel or unfold + bmm (2 threads,
+    docs/design.md E18): ``Cg = 1`` in 1-D and 2-D (W2's 1->16 8x8 layer: 3.2 -> 2.1 ms; a
+    depthwise 3x3: 4.6 -> 0.5 ms) and ``Cg <= 3`` in 2-D (W3's 3->32 layer: 15.6 -> 11.7 ms).
+    The batch is split in one piece per thread (:func:`_map_chunks`).
+    """
+    B, C = x.shape[0], x.shape[1]
+    O, G = g.shape[1], module.groups
+    Cg = C // G
+    k = tuple(module.kernel_size)
+    n = len(k)
+    conv = _CONV[n]
+    crop = (slice(None), slice(None)) + tuple(slice(0, kk) for kk in k)
+
+    def piece(i: int, j: int) -> None:
+        m = j - i
+        xb = x[i:j].reshape(m, G, Cg, *x.shape[2:]).movedim(2, 0).reshape(Cg, m * G, *x.shape[2:])
+        w = g[i:j].reshape(m * O, 1, *g.shape[2:])
+        # the output's extent is >= k (more where the last positions are not reached): crop
+        r = conv(xb, w, None, stride=module.dilation, padding=padding, dilation=module.stride, groups=m * G)
+        out[i:j] = r[crop].reshape(Cg, m, O, *k).movedim(0, 2)
+
+    _map_chunks(piece, B, _spread(B, B, x.device, B * x[0].numel()), x.device)
+    return out
+
+
+_FORWARD_PSG_MAX_CG = {1: 1, 2: 3}  # spatial dims -> inputs per group up to which the forward path wins
+
+
 def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
     """Per-sample weight gradients ``[B, *weight.shape]`` without a per-sample loop.
 
-    Narrow layers (``C/G * K <= 32``, e.g. a first layer on RGB images, 1-D/2-D): unfold the
-    input and one batched matmul per group. One input channel (2-D, no groups): the patches
-    from a strided view and one batched matmul. Otherwise torch's conv weight-gradient kernel with
-    the samples as extra groups (``groups = B * G``), ``_PSG_CHUNK`` samples per call.
+    Few input channels per group (``C/G = 1`` in 1-D and 2-D: an MNIST first layer, a depthwise
+    conv; ``C/G <= 3`` in 2-D: RGB images): a forward conv with the samples as groups
+    (:func:`_conv_psg_by_forward`). Narrow layers
+    (``C/G * K <= 32``, e.g. a first layer on RGB images, 1-D/2-D): unfold the input and one
+    batched matmul per group. Otherwise torch's conv weight-gradient kernel with the samples as
+    extra groups (``groups = B * G``), ``_PSG_CHUNK`` samples per call.
     """
     B = activations.shape[0]
     k = tuple(module.kernel_size)
@@ -423,6 +470,8 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
     # samples per piece: the unfolded patches of a piece stay below _CHUNK_NUMBERS numbers
     # (a fresh block above ~32 MB costs page faults on every call; see _in_chunks)
     chunk = max(1, _CHUNK_NUMBERS // max(1, L * C * math.prod(k)))
+    if C // G <= _FORWARD_PSG_MAX_CG.get(n, 0):
+        return _conv_psg_by_forward(module, x, padding, g, out)
     if n <= 2 and (C // G) * math.prod(k) <= _UNFOLD_MAX_D:
         pad = padding if isinstance(padding, tuple) else (0,) * n
         if n == 1:  # as a 2-D conv of height 1
@@ -440,24 +489,6 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
             torch.bmm(g[i:j].reshape((j - i) * G, O // G, L), cols.transpose(1, 2), out=w[i * G : j * G])
 
         _map_chunks(unfolded, B, _spread(chunk, B, x.device, B * L * C * math.prod(k)), x.device)
-        return out
-    if n == 2 and C == 1 and G == 1:
-        # one input channel, a wide kernel (an MNIST first layer, 8x8): gather the patches
-        # from a strided view (one copy, no im2col kernel) and one batched matmul; 4.9 against
-        # 6.5 ms through the grouped kernel for W2's 1->16 8x8 stride-2 layer (1 thread)
-        x = _conv_padded(module, activations)
-        H, W = x.shape[2], x.shape[3]
-        (kh, kw), (sh, sw), (dh, dw) = k, module.stride, module.dilation
-        Lh, Lw = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
-        st = x.stride()
-        w = out.view(B, O, kh * kw)
-
-        def gathered(i: int, j: int) -> None:
-            patches = x[i:j].as_strided((j - i, Lh, Lw, kh, kw), (st[0], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
-            a = patches.reshape(j - i, Lh * Lw, kh * kw)
-            torch.bmm(g[i:j].reshape(j - i, O, Lh * Lw), a, out=w[i:j])  # [m, O, K]
-
-        _map_chunks(gathered, B, _spread(chunk, B, x.device, B * L * C * math.prod(k)), x.device)
         return out
     weight_grad = _CONV_WEIGHT_GRAD[n]
 
@@ -531,6 +562,9 @@ def _conv_gram_cost(module: nn.modules.conv._ConvNd, activations, backprops) -> 
     L, _, p, G = _conv_shapes(module, activations, backprops)
     P = _conv_padded_positions(module, activations)
     Cg = activations.shape[1] // G
+    P0 = math.prod(activations.shape[2:])
+    if module.padding_mode == "zeros" and P0 < P:  # the unpadded input's Gram matrix, zeros around it
+        return P0 * P0 * Cg + P * P + L * L * (p + math.prod(module.kernel_size))
     return P * P * Cg + L * L * (p + math.prod(module.kernel_size))
 
 
@@ -547,7 +581,9 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
     the ghost norm of Li et al. (2022) with the patches' Gram matrix ``sum_k x_k^T x_k`` read
     off the ``[P, P]`` Gram matrix of the padded input through strided views (one view
     per offset), instead of from unfolded patches. That costs ``P^2 Cg + L^2 Og`` multiply-adds
-    and ``K L^2`` additions per sample against ``L Cg K Og`` for the per-sample gradient, and
+    (``P0^2 Cg`` for zero padding: the Gram matrix of the ``P0`` unpadded positions, set in a
+    zero ``[P, P]`` one) and ``K L^2`` additions per sample against ``L Cg K Og`` for the
+    per-sample gradient, and
     wins for small feature maps with many channels (W3's 8x8 and 4x4 layers: 8 and 1.4 ms
     against 22 and 5 ms; docs/design.md E16). Exact in exact arithmetic, for any stride,
     dilation, padding (mode) and groups.
@@ -557,9 +593,15 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
     B = activations.shape[0]
     G = module.groups
     n = len(module.kernel_size)
-    x = _conv_padded(module, activations)
-    S = x.shape[2:]
-    P = math.prod(S)
+    # zero padding: the Gram matrix of the unpadded input (P0^2 Cg instead of P^2 Cg), placed
+    # in a zero [P, P] one (W3's 8x8 layer: P0 = 64, P = 100)
+    pads = _conv_pads(module)
+    zeros = module.padding_mode == "zeros" and any(l or r for l, r in pads)
+    x = activations if zeros else _conv_padded(module, activations)
+    S0 = activations.shape[2:]
+    S = tuple(s0 + l + r for s0, (l, r) in zip(S0, pads)) if zeros else x.shape[2:]
+    P, P0 = math.prod(S), math.prod(S0)
+    inner = (slice(None),) + tuple(slice(l, l + s0) for s0, (l, _) in zip(S0, pads)) * 2
     C, O = x.shape[1], backprops.shape[1]
     Ls = backprops.shape[2:]
     L = math.prod(Ls)
@@ -570,14 +612,32 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
         for ks in itertools.product(*[range(k) for k in module.kernel_size])
     ]
     step = [st * sj for st, sj in zip(module.stride, pos_strides)]
+    unit_stride = all(st == 1 for st in module.stride)
+    N = sum((lj - 1) * q for lj, q in zip(Ls, pos_strides)) + 1  # flat extent of the output positions
     chunk = max(1, _GRAM_MAX_NUMBERS // max(1, G * max(P * P, L * L)))
 
     def piece(i: int, j: int) -> torch.Tensor:
         m = j - i
-        xs = x[i:j].reshape(m * G, C // G, P)
-        gram = torch.bmm(xs.transpose(1, 2), xs)  # [m G, P, P]
+        if zeros:
+            xs = x[i:j].reshape(m * G, C // G, P0)
+            gram = x.new_zeros(m * G, P, P)
+            gram.view(m * G, *S, *S)[inner] = torch.bmm(xs.transpose(1, 2), xs).view(m * G, *S0, *S0)
+        else:
+            xs = x[i:j].reshape(m * G, C // G, P)
+            gram = torch.bmm(xs.transpose(1, 2), xs)  # [m G, P, P]
         gs = g[i:j].reshape(m * G, O // G, L)
         gg = torch.bmm(gs.transpose(1, 2), gs).view(m * G, *Ls, *Ls)
+        if unit_stride:
+            # stride 1: the patches of offset k occupy the rows and columns off_k + q(l) of the
+            # Gram matrix, q(l) the flat index of position l in the padded grid: sum the [N, N]
+            # blocks from off_k (long contiguous rows, a few unused entries between the
+            # positions' rows), then read the positions' entries
+            acc = None
+            for off in offsets:
+                block = gram[:, off : off + N, off : off + N]
+                acc = block.clone() if acc is None else acc.add_(block)
+            sel = acc.as_strided((m * G, *Ls, *Ls), (N * N, *[q * N for q in pos_strides], *pos_strides))
+            return gg.mul_(sel).flatten(1).sum(1).view(m, G).sum(1)
         shape = (m * G, *Ls, *Ls)
         strides = (P * P, *[s * P for s in step], *step)
         base = gram.storage_offset()
