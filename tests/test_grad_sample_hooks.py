@@ -1028,15 +1028,17 @@ def test_reused_linear_ghost_norm_has_the_cross_terms(ghost, monkeypatch):
     check(model, x, y, ghost=ghost)
 
 
-def test_conv_patches_kept_between_the_passes_match_the_loop_oracle():
-    """A W2-like second conv (16 -> 32, 4x4, stride 2) takes the patches' ghost norm and keeps
-    its patches for the clipped sum (design E16): the sampler's norms and clipped sums equal
-    the per-sample loop, also after a second backward through the same graph (the kept
-    patches are dropped with the new output gradient, and the captures add up)."""
+@pytest.mark.parametrize("width,kept", [(32, "psg"), (64, "patches")])
+def test_conv_patches_kept_between_the_passes_match_the_loop_oracle(width, kept):
+    """A W2-like second conv (16 -> 32, 4x4, stride 2) takes per-sample gradients made from
+    patches, a wider one (16 -> 64) the patches' ghost norm with its patches kept for the clipped
+    sum (design E16, E18): the sampler's norms and clipped sums equal the per-sample loop, also
+    after a second backward through the same graph (the kept work is dropped with the new
+    output gradient, and the captures add up)."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 32, 4, 2), nn.Tanh(),
-        nn.Flatten(), nn.Linear(32 * 25, 3),
+        nn.Conv2d(2, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, width, 4, 2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(width * 25, 3),
     ).to(DT)
     x = torch.randn(4, 2, 13, 13, dtype=DT)
     y = torch.tensor([0, 1, 2, 1])
@@ -1049,7 +1051,7 @@ def test_conv_patches_kept_between_the_passes_match_the_loop_oracle():
         for rounds in (1, 2):
             sq = gs.per_sample_sq_norms()
             conv2 = gs._calls[next(i for i, u in enumerate(gs.units) if u.module is model[2])][0]
-            assert gs._scratch[id(conv2)].get("patches")  # the norm pass kept them
+            assert gs._scratch[id(conv2)].get(kept) is not None  # the norm pass kept them
             sums = gs.clipped_sums(scales)
             for p in gs.parameters:
                 want = oracle[names[p]] * rounds

@@ -755,6 +755,13 @@ def test_conv_ghost_norms(path, B, dim, groups, k, stride, dilation, padding, mo
         psg = rules_mod._conv_weight_psg(layer, x, g)
         got_sum = rules_mod._conv_sum_from_patches(layer, g, scale, kept)
         torch.testing.assert_close(got_sum, torch.tensordot(scale, psg, dims=1), **TOL)
+        # per-sample gradients made from the patches (E18), and their weighted sum
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rules_mod, "_CHUNK_NUMBERS", chunk)
+            from_patches = rules_mod._conv_psg_from_patches(layer, x, g)
+        got_sum = rules_mod._conv_sum_from_psg(layer, scale, from_patches)
+        torch.testing.assert_close(got_sum, torch.tensordot(scale, psg, dims=1), **TOL)
+        torch.testing.assert_close(from_patches.flatten(1).pow(2).sum(1), want, **TOL)
 
 
 def test_conv_norm_path_choice_and_float32():
@@ -777,23 +784,34 @@ def test_conv_norm_path_choice_and_float32():
         assert ((got.double() - ref).abs() / ref).max().item() < 1e-5
 
 
-def test_conv_clipped_sum_reuses_the_norm_pass_patches(monkeypatch):
-    """Through the rule interface with a scratch dict: the norm pass leaves the patches, the
-    clipped-sum pass uses them (no weight-gradient kernel call) and equals the oracle."""
-    layer = randomise(nn.Conv2d(16, 32, 4, stride=2))  # W2's second layer
-    x = randn(5, 16, 13, 13)
+@pytest.mark.parametrize(
+    "layer,shape,kept",
+    [
+        (nn.Conv2d(16, 32, 4, stride=2), (5, 16, 13, 13), "psg"),  # W2's second layer
+        (nn.Conv2d(16, 64, 4, stride=2), (5, 16, 13, 13), "patches"),  # psg > 3x the captures
+        (nn.Conv1d(32, 32, 3, stride=2, groups=2, padding=1, padding_mode="reflect"), (4, 32, 16), "psg"),
+    ],
+)
+def test_conv_clipped_sum_reuses_the_norm_pass_work(layer, shape, kept, monkeypatch):
+    """Through the rule interface with a scratch dict: the norm pass leaves per-sample gradients
+    made from patches, or the patches themselves; the clipped-sum pass uses them (no
+    weight-gradient kernel call) and equals the oracle, as do the norms."""
+    layer = randomise(layer)
+    x = randn(*shape)
     with torch.no_grad():
         g = randn(*layer(x).shape, seed=3)
     assert rules_mod._conv_norm_path(layer, x, g) == "ghost"
     scratch: dict = {}
     rule = rule_for(layer)
     assert rule.scratch
-    rule.sq_norms(layer, x, g, scratch=scratch)
-    assert scratch.get("patches")
+    sq = rule.sq_norms(layer, x, g, scratch=scratch)
+    assert scratch.get(kept) is not None and set(scratch) == {kept}
     psg = rules_mod._conv_psg(layer, x, g)
+    for n in ("weight", "bias"):
+        torch.testing.assert_close(sq[n], psg[n].flatten(1).pow(2).sum(1), **TOL)
     calls = []
-    monkeypatch.setitem(rules_mod._CONV_WEIGHT_GRAD, 2, lambda *a, **k: calls.append(1))
-    scales = {"weight": torch.rand(5, dtype=DT), "bias": torch.rand(5, dtype=DT)}
+    monkeypatch.setitem(rules_mod._CONV_WEIGHT_GRAD, len(shape) - 2, lambda *a, **k: calls.append(1))
+    scales = {"weight": torch.rand(shape[0], dtype=DT), "bias": torch.rand(shape[0], dtype=DT)}
     got = rule.clipped_sum(layer, x, g, scales, scratch=scratch)
     assert not calls
     for n in ("weight", "bias"):

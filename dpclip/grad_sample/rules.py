@@ -325,6 +325,36 @@ def _conv_sum_from_patches(module: nn.modules.conv._ConvNd, backprops, scale: to
     return w.to(module.weight.dtype)
 
 
+def _conv_psg_from_patches(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
+    """Per-sample weight gradients from :func:`_conv_patches`: per sample and group one matmul
+    ``g [Og, L] @ patches [L, K Cg]``, a few samples at a time (patches under
+    :data:`_CHUNK_NUMBERS`). Shapes: ``activations [B, C, *S]``, ``backprops [B, O, *L]``;
+    returns ``[B, G, Og, K, Cg]`` (a patch's order; :func:`_conv_sum_from_psg` turns a sum
+    of them into ``weight``'s)."""
+    B, O = backprops.shape[0], backprops.shape[1]
+    G = module.groups
+    L, d, _, _ = _conv_shapes(module, activations, backprops)
+    K = math.prod(module.kernel_size)
+    out = activations.new_empty((B, G, O // G, K, d // K))
+
+    def piece(i: int, j: int) -> None:
+        a = _conv_patches(module, activations[i:j])  # [m G, L, K Cg]
+        g = backprops[i:j].reshape((j - i) * G, O // G, L).to(a.dtype)
+        torch.bmm(g, a, out=out[i:j].view((j - i) * G, O // G, d))
+
+    chunk = max(1, _CHUNK_NUMBERS // max(1, G * L * d))
+    _map_chunks(piece, B, _spread(chunk, B, activations.device, B * G * L * d), activations.device)
+    return out
+
+
+def _conv_sum_from_psg(module: nn.modules.conv._ConvNd, scale: torch.Tensor, psg: torch.Tensor) -> torch.Tensor:
+    """``sum_i scale_i psg_i`` in ``weight``'s shape, for ``psg [B, G, Og, K, Cg]`` from
+    :func:`_conv_psg_from_patches`."""
+    G, Og, K, Cg = psg.shape[1:]
+    total = torch.tensordot(scale.to(psg.dtype), psg, dims=1)  # [G, Og, K, Cg]
+    return total.transpose(2, 3).reshape(G * Og, Cg, *module.kernel_size).to(module.weight.dtype)
+
+
 def _conv_bias_grad(backprops: torch.Tensor) -> torch.Tensor:
     return backprops.flatten(2).sum(2)
 
@@ -356,6 +386,7 @@ def _conv_padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tens
 
 _PSG_CHUNK = 32  # samples per weight-gradient kernel call (measured on 2 CPU threads: one call
 # for 256 samples is 1.5-2x slower than 8 calls of 32, 2-3x a plain weight gradient)
+_PATCH_PSG_MEMORY = 3  # per-sample gradients from patches are kept up to this many times the captures
 _UNFOLD_MAX_D = 32  # inputs per group and kernel offsets up to which unfold + bmm is faster
 
 
@@ -671,14 +702,23 @@ def _conv_sq(module, activations, backprops, scratch: dict | None = None) -> Gra
         if path == "gram":
             out["weight"] = _conv_gram_sq(module, activations, backprops)
         elif path == "ghost":
-            L, d, _, G = _conv_shapes(module, activations, backprops)
-            # keep the patches for the clipped sum while they are at most twice the captures
-            # (W2's 16->32 layer: 1.6M numbers against 0.9M; its clipped sum then costs one
-            # matmul instead of the weight-gradient kernel)
-            keep = [] if scratch is not None and B * G * L * d <= 2 * (activations.numel() + backprops.numel()) else None
-            out["weight"] = _conv_ghost_sq(module, activations, backprops, keep)
-            if keep is not None:
-                scratch["patches"] = keep
+            L, d, p, G = _conv_shapes(module, activations, backprops)
+            captures = activations.numel() + backprops.numel()
+            if scratch is not None and B * G * p * d <= _PATCH_PSG_MEMORY * captures and 2 * d * p < L * L * (d + p):
+                # per-sample gradients from the patches (one matmul, as the clipped sum from
+                # kept patches would cost anyway) instead of the ghost norm's L^2 (d + p); the
+                # clipped sum is then a weighted sum of them (W2's 16->32 layer: norm and sum
+                # 4.0 -> 2.6 ms; docs/design.md E18)
+                psg = _conv_psg_from_patches(module, activations, backprops)
+                scratch["psg"] = psg
+                out["weight"] = _sq(psg.view(B, -1)) if B else activations.new_zeros(0)
+            else:
+                # keep the patches for the clipped sum while they are at most twice the captures;
+                # its clipped sum then costs one matmul instead of the weight-gradient kernel
+                keep = [] if scratch is not None and B * G * L * d <= 2 * captures else None
+                out["weight"] = _conv_ghost_sq(module, activations, backprops, keep)
+                if keep is not None:
+                    scratch["patches"] = keep
         else:
             # per-sample gradients for the norm only, a few samples at a time
             out["weight"] = torch.cat(
@@ -696,7 +736,11 @@ def _conv_sq(module, activations, backprops, scratch: dict | None = None) -> Gra
 def _conv_clipped(module, activations, backprops, scales, scratch: dict | None = None) -> Grads:
     out: Grads = {}
     kept = scratch.get("patches") if scratch is not None else None
-    if _trainable(module, "weight") and kept:
+    psg = scratch.get("psg") if scratch is not None else None
+    if _trainable(module, "weight") and psg is not None:
+        # the norm pass's per-sample gradients
+        out["weight"] = _conv_sum_from_psg(module, _scale(scales, "weight", psg), psg)
+    elif _trainable(module, "weight") and kept:
         # the norm pass's patches: one matmul, no weight-gradient kernel
         out["weight"] = _conv_sum_from_patches(module, backprops, _scale(scales, "weight", backprops), kept)
     elif _trainable(module, "weight"):
