@@ -112,6 +112,7 @@ class _Attachment:
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
     rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
     world_size: int = 1
+    noise_workspace: dict = field(default_factory=dict)  # GaussianNoise.add_'s draw buffers, reused
 
     @property
     def divided(self) -> bool:
@@ -544,15 +545,23 @@ class PrivacyEngine:
         full = {p: sums[p] if p in sums else torch.zeros_like(p) for p in att.params}
         divided = att.divided  # the noise std is divided alike, and nothing afterwards
         sensitivity = att.sensitivity / att.expected_units if divided else att.sensitivity
+        noise = noise_cls(sigma_grad)
+
+        def add_noise(values: dict) -> dict:
+            # the sums are this step's own tensors: plain noise goes into them in place
+            if isinstance(noise, GaussianNoise):
+                return noise.add_(values, sensitivity, att.generator, workspace=att.noise_workspace)
+            return noise.add(values, sensitivity, att.generator)
+
         if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once
             distributed.all_reduce_sum_(list(full.values()))
             if att.rank == 0:
-                noisy = noise_cls(sigma_grad).add(full, sensitivity, att.generator)
+                noisy = add_noise(full)
             else:
                 noisy = {p: torch.empty_like(t) for p, t in full.items()}
             distributed.broadcast_([noisy[p] for p in att.params])
         else:
-            noisy = noise_cls(sigma_grad).add(full, sensitivity, att.generator)
+            noisy = add_noise(full)
         for p in att.params:
             grad = noisy[p] if divided else noisy[p].div_(att.expected_units)
             p.grad = grad.to(p.dtype)

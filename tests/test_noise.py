@@ -532,3 +532,35 @@ def test_fill_normal_large_draw_is_iid_standard_normal():
     cdf = 0.5 * (1 + torch.erf(s / math.sqrt(2)))
     emp = torch.arange(1, n + 1, dtype=torch.float64) / n
     assert (cdf - emp).abs().max().item() < 1.63 / math.sqrt(n)  # the 1% critical value
+
+
+def test_plain_add_in_place_equals_add_and_reuses_its_workspace():
+    """GaussianNoise.add_ gives add's values bit for bit (same generator state, mixed dtypes,
+    sizes above and below one parallel piece), in the caller's tensors, reusing the workspace's
+    buffer on the next call; without noise it touches nothing."""
+    shapes = [(300, 257), (7,), (5, 3)]
+    dtypes = [torch.float32, torch.float64, torch.float32]
+
+    def sums(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {f"t{k}": torch.randn(s, generator=g, dtype=dt) for k, (s, dt) in enumerate(zip(shapes, dtypes))}
+
+    noise = GaussianNoise(1.3)
+    workspace: dict = {}
+    buffers = None
+    for seed in (0, 1):
+        want = noise.add(sums(seed), 0.7, torch.Generator().manual_seed(10 + seed))
+        got = sums(seed)
+        ids = {k: id(v) for k, v in got.items()}
+        out = noise.add_(got, 0.7, torch.Generator().manual_seed(10 + seed), workspace=workspace)
+        assert out is got and {k: id(v) for k, v in got.items()} == ids
+        for k in want:
+            assert torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype
+        assert set(workspace) == {(torch.float32, torch.device("cpu")), (torch.float64, torch.device("cpu"))}
+        now = {k: v.data_ptr() for k, v in workspace.items()}
+        assert buffers is None or now == buffers  # the second call drew into the same buffers
+        buffers = now
+    untouched = sums(2)
+    before = {k: v.clone() for k, v in untouched.items()}
+    GaussianNoise(0.0).add_(untouched, 0.7, torch.Generator().manual_seed(0))
+    assert all(torch.equal(untouched[k], before[k]) for k in before)
