@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,15 +108,38 @@ def _scale(scales: Grads, name: str, like: torch.Tensor) -> torch.Tensor:
     return s.to(device=like.device, dtype=like.dtype)
 
 
+_SERIAL_MAX = 1 << 19  # numbers up to which an element-wise pass runs on one CPU thread
+
+
+@contextmanager
+def _serial(numbers: int, device: torch.device):
+    """Run the block on one intra-op thread when it touches at most :data:`_SERIAL_MAX`
+    numbers on CPU. Waking the sleeping OpenMP workers (``OMP_WAIT_POLICY=passive``, the
+    benchmark's setting) costs more than splitting such a pass saves: W1's six per-sample norms
+    took 0.63 ms on two threads and 0.18 ms on one (docs/design.md E19). The thread count is
+    restored afterwards; values do not depend on it."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or numbers > _SERIAL_MAX:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _sq(x: torch.Tensor) -> torch.Tensor:
     """Per-sample squared norm of ``x [B, ...]``."""
     # one pass, no [B, ...] temporary (x.pow(2) would allocate one)
-    return torch.linalg.vector_norm(x.flatten(1), dim=1).square() if x.dim() > 1 else x.square()
+    with _serial(x.numel(), x.device):
+        return torch.linalg.vector_norm(x.flatten(1), dim=1).square() if x.dim() > 1 else x.square()
 
 
 def _weighted_sum(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_i s_i x_i`` for ``x [B, ...]``."""
-    return torch.tensordot(s, x, dims=1)
+    with _serial(x.numel(), x.device):
+        return torch.tensordot(s, x, dims=1)
 
 
 def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -221,15 +245,15 @@ def _linear_clipped(module: nn.Linear, activations, backprops, scales) -> Grads:
             s = s.repeat_interleave(T)
         a2 = a.reshape(B * T, d)
         # scale the narrower operand: one pass over B T min(d, p) numbers, then one GEMM
-        if d <= p:
-            out["weight"] = g2.t() @ (a2 * s[:, None])
-        else:
-            out["weight"] = (g2 * s[:, None]).t() @ a2
+        with _serial(B * T * min(d, p), a.device):
+            scaled = a2 * s[:, None] if d <= p else g2 * s[:, None]
+        out["weight"] = g2.t() @ scaled if d <= p else scaled.t() @ a2
     if _trainable(module, "bias"):
         s = _scale(scales, "bias", g)
         if T > 1:
             s = s.repeat_interleave(T)
-        out["bias"] = g2.t() @ s  # a matrix-vector product, no [B, T, p] temporary
+        with _serial(B * T * p, g.device):
+            out["bias"] = g2.t() @ s  # a matrix-vector product, no [B, T, p] temporary
     return out
 
 
@@ -351,12 +375,13 @@ def _conv_sum_from_psg(module: nn.modules.conv._ConvNd, scale: torch.Tensor, psg
     """``sum_i scale_i psg_i`` in ``weight``'s shape, for ``psg [B, G, Og, K, Cg]`` from
     :func:`_conv_psg_from_patches`."""
     G, Og, K, Cg = psg.shape[1:]
-    total = torch.tensordot(scale.to(psg.dtype), psg, dims=1)  # [G, Og, K, Cg]
+    total = _weighted_sum(scale.to(psg.dtype), psg)  # [G, Og, K, Cg]
     return total.transpose(2, 3).reshape(G * Og, Cg, *module.kernel_size).to(module.weight.dtype)
 
 
 def _conv_bias_grad(backprops: torch.Tensor) -> torch.Tensor:
-    return backprops.flatten(2).sum(2)
+    with _serial(backprops.numel(), backprops.device):
+        return backprops.flatten(2).sum(2)
 
 
 def _conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor):
