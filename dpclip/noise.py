@@ -42,7 +42,7 @@ from fractions import Fraction
 
 import torch
 
-from ._pool import helper_pool
+from ._pool import helper_pool, serial
 
 __all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "fill_normal", "secure_generator"]
 
@@ -218,7 +218,8 @@ class GaussianNoise:
             for value in group:
                 draw = flat[offset : offset + value.numel()].view(value.shape)
                 offset += value.numel()
-                value.add_(draw.to(value.device))
+                with serial(value.numel(), value.device):
+                    value.add_(draw.to(value.device))
         return sums
 
 

@@ -841,19 +841,21 @@ def test_rules_in_chunks_of_samples(make, shape, monkeypatch):
 
 
 def test_serial_runs_small_cpu_work_on_one_thread_and_restores_the_count():
+    from dpclip import _pool
+
     """E19: a pass over at most _SERIAL_MAX numbers runs on one intra-op thread; the count
     comes back afterwards, also when the block raises; large work keeps every thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with rules_mod._serial(10, torch.device("cpu")):
+        with _pool.serial(10, torch.device("cpu")):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError):
-            with rules_mod._serial(10, torch.device("cpu")):
+            with _pool.serial(10, torch.device("cpu")):
                 raise RuntimeError("inside")
         assert torch.get_num_threads() == 2
-        with rules_mod._serial(rules_mod._SERIAL_MAX + 1, torch.device("cpu")):
+        with _pool.serial(_pool.SERIAL_MAX + 1, torch.device("cpu")):
             assert torch.get_num_threads() == 2
         x = torch.randn(7, 5, dtype=DT)
         torch.testing.assert_close(rules_mod._sq(x), x.pow(2).sum(1), rtol=0, atol=1e-12)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._pool import helper_pool
+from .._pool import helper_pool, serial as _serial
 
 __all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
 
@@ -106,27 +105,6 @@ def _trainable(module: nn.Module, name: str) -> bool:
 def _scale(scales: Grads, name: str, like: torch.Tensor) -> torch.Tensor:
     s = scales[name]
     return s.to(device=like.device, dtype=like.dtype)
-
-
-_SERIAL_MAX = 1 << 19  # numbers up to which an element-wise pass runs on one CPU thread
-
-
-@contextmanager
-def _serial(numbers: int, device: torch.device):
-    """Run the block on one intra-op thread when it touches at most :data:`_SERIAL_MAX`
-    numbers on CPU. Waking the sleeping OpenMP workers (``OMP_WAIT_POLICY=passive``, the
-    benchmark's setting) costs more than splitting such a pass saves: W1's six per-sample norms
-    took 0.63 ms on two threads and 0.18 ms on one (docs/design.md E19). The thread count is
-    restored afterwards; values do not depend on it."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or numbers > _SERIAL_MAX:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
