@@ -44,7 +44,7 @@ import torch
 
 from ._pool import helper_pool, serial
 
-__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "fill_normal", "secure_generator"]
+__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "secure_generator"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -180,22 +180,15 @@ class GaussianNoise:
 
 
     def add_(
-        self,
-        sums: Mapping[object, torch.Tensor],
-        sensitivity: float,
-        generator: torch.Generator,
-        *,
-        workspace: dict | None = None,
+        self, sums: Mapping[object, torch.Tensor], sensitivity: float, generator: torch.Generator
     ) -> Mapping[object, torch.Tensor]:
         """:meth:`add` in place: each sum becomes ``sum + noise``, with the values :meth:`add`
-        would return (the same draws, in the same order; ``x + n`` and ``n + x`` are the same
-        float). Returns ``sums``. Without noise nothing is touched.
+        would return (the same draws in the same order, and ``x + n == n + x`` in floating
+        point). Returns ``sums``. Without noise nothing is touched.
 
-        ``workspace``: a dict the caller keeps between calls (e.g. one per training run); the
-        flat draw buffer of each dtype and device is kept in it and reused, so a step does not
-        allocate, page-fault and free a buffer the size of the model (on the 2-core benchmark
-        machine that was 1.3 ms of an MLP step's 2.3 ms noise, docs/design.md P10). Nothing in
-        it is state: its values are overwritten by every draw.
+        On CPU the draw goes piece by piece into a small buffer per thread and from there into
+        the sums (:func:`add_normal_`): no buffer the size of the model is allocated,
+        page-faulted and freed per step, and none is kept (docs/design.md P10).
 
         Raises: as :meth:`add`.
         """
@@ -203,23 +196,9 @@ class GaussianNoise:
         std = self.std(sensitivity)
         if std == 0.0:
             return sums
-        device = _generator_device(generator)
+        _generator_device(generator)
         for dtype in dict.fromkeys(value.dtype for _, value in items):
-            group = [value for _, value in items if value.dtype == dtype]
-            n = sum(v.numel() for v in group)
-            flat = workspace.get((dtype, device)) if workspace is not None else None
-            if flat is None or flat.numel() < n:
-                flat = torch.empty(n, dtype=dtype, device=device)
-                if workspace is not None:
-                    workspace[(dtype, device)] = flat
-            flat = flat[:n]
-            fill_normal(flat, std, generator)
-            offset = 0
-            for value in group:
-                draw = flat[offset : offset + value.numel()].view(value.shape)
-                offset += value.numel()
-                with serial(value.numel(), value.device):
-                    value.add_(draw.to(value.device))
+            add_normal_([value for _, value in items if value.dtype == dtype], std, generator)
         return sums
 
 
@@ -259,6 +238,69 @@ def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> t
     for future in futures:
         future.result()
     return flat
+
+
+def add_normal_(dests: list[torch.Tensor], std: float, generator: torch.Generator) -> None:
+    """Add i.i.d. ``N(0, std^2)`` to every entry of ``dests`` (one dtype), in place: exactly
+    the numbers :func:`fill_normal` would draw into one flat buffer holding the tensors one
+    after the other, in ``dests``' order.
+
+    On CPU, with every tensor contiguous, each piece of :data:`NOISE_CHUNK` numbers is drawn
+    into a buffer of that size (one per thread, cache-resident) and added to the slices of the
+    tensors it covers, by the thread that drew it; the pieces run on ``torch.get_num_threads()``
+    threads as in :func:`fill_normal`. Otherwise (CUDA, strided tensors, a generator on another
+    device) the draw goes into one flat buffer that is then added.
+    """
+    if not dests:
+        return
+    n = sum(t.numel() for t in dests)
+    device, dtype = generator.device, dests[0].dtype
+    fused = device.type == "cpu" and all(t.device.type == "cpu" and t.is_contiguous() for t in dests)
+    if not fused or n == 0:
+        flat = fill_normal(torch.empty(n, dtype=dtype, device=device), std, generator)
+        offset = 0
+        for t in dests:
+            t.add_(flat[offset : offset + t.numel()].view(t.shape).to(t.device))
+            offset += t.numel()
+        return
+    flats = [t.view(-1) for t in dests]
+    starts = [0]
+    for t in flats[:-1]:
+        starts.append(starts[-1] + t.numel())
+
+    def add(piece: torch.Tensor, lo: int) -> None:
+        hi = lo + piece.numel()
+        for t, s in zip(flats, starts):
+            a, b = max(lo, s), min(hi, s + t.numel())
+            if a < b:
+                t[a - s : b - s].add_(piece[a - lo : b - lo])
+
+    if n <= NOISE_CHUNK:  # one normal_ call on the generator itself, as fill_normal
+        piece = torch.empty(n, dtype=dtype).normal_(0.0, std, generator=generator)
+        with serial(n, piece.device):
+            add(piece, 0)
+        return
+    pieces = -(-n // NOISE_CHUNK)
+    seeds = torch.randint(0, 1 << 62, (pieces,), generator=generator, dtype=torch.int64).tolist()
+
+    def fill(lo: int, hi: int) -> None:
+        torch.set_num_threads(1)  # each piece is one thread's work
+        buffer = torch.empty(NOISE_CHUNK, dtype=dtype)
+        for k in range(lo, hi):
+            piece = buffer[: min(NOISE_CHUNK, n - k * NOISE_CHUNK)]
+            piece.normal_(0.0, std, generator=torch.Generator().manual_seed(seeds[k]))
+            add(piece, k * NOISE_CHUNK)
+
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, pieces))
+    bounds = [pieces * j // workers for j in range(workers + 1)]
+    try:
+        futures = [helper_pool().submit(fill, bounds[j], bounds[j + 1]) for j in range(1, workers)]
+        fill(bounds[0], bounds[1])
+        for future in futures:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- generator

@@ -112,7 +112,6 @@ class _Attachment:
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
     rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
     world_size: int = 1
-    noise_workspace: dict = field(default_factory=dict)  # GaussianNoise.add_'s draw buffers, reused
 
     @property
     def divided(self) -> bool:
@@ -550,7 +549,7 @@ class PrivacyEngine:
         def add_noise(values: dict) -> dict:
             # the sums are this step's own tensors: plain noise goes into them in place
             if isinstance(noise, GaussianNoise):
-                return noise.add_(values, sensitivity, att.generator, workspace=att.noise_workspace)
+                return noise.add_(values, sensitivity, att.generator)
             return noise.add(values, sensitivity, att.generator)
 
         if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once

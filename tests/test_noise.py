@@ -534,10 +534,10 @@ def test_fill_normal_large_draw_is_iid_standard_normal():
     assert (cdf - emp).abs().max().item() < 1.63 / math.sqrt(n)  # the 1% critical value
 
 
-def test_plain_add_in_place_equals_add_and_reuses_its_workspace():
+def test_plain_add_in_place_equals_add():
     """GaussianNoise.add_ gives add's values bit for bit (same generator state, mixed dtypes,
-    sizes above and below one parallel piece), in the caller's tensors, reusing the workspace's
-    buffer on the next call; without noise it touches nothing."""
+    sizes above and below one parallel piece), in the caller's tensors; without noise it
+    touches nothing."""
     shapes = [(300, 257), (7,), (5, 3)]
     dtypes = [torch.float32, torch.float64, torch.float32]
 
@@ -546,21 +546,47 @@ def test_plain_add_in_place_equals_add_and_reuses_its_workspace():
         return {f"t{k}": torch.randn(s, generator=g, dtype=dt) for k, (s, dt) in enumerate(zip(shapes, dtypes))}
 
     noise = GaussianNoise(1.3)
-    workspace: dict = {}
-    buffers = None
     for seed in (0, 1):
         want = noise.add(sums(seed), 0.7, torch.Generator().manual_seed(10 + seed))
         got = sums(seed)
         ids = {k: id(v) for k, v in got.items()}
-        out = noise.add_(got, 0.7, torch.Generator().manual_seed(10 + seed), workspace=workspace)
+        out = noise.add_(got, 0.7, torch.Generator().manual_seed(10 + seed))
         assert out is got and {k: id(v) for k, v in got.items()} == ids
         for k in want:
             assert torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype
-        assert set(workspace) == {(torch.float32, torch.device("cpu")), (torch.float64, torch.device("cpu"))}
-        now = {k: v.data_ptr() for k, v in workspace.items()}
-        assert buffers is None or now == buffers  # the second call drew into the same buffers
-        buffers = now
     untouched = sums(2)
     before = {k: v.clone() for k, v in untouched.items()}
     GaussianNoise(0.0).add_(untouched, 0.7, torch.Generator().manual_seed(0))
     assert all(torch.equal(untouched[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("sizes", [[5], [1 << 16], [(1 << 16) - 3, 7, 1], [100_000, 3, 70_000, 65_536], [0, 131_073]])
+def test_add_normal_in_place_equals_the_flat_draw(sizes):
+    """add_normal_ adds exactly fill_normal's numbers over the concatenation, on 1-3 threads,
+    with tensors that straddle piece boundaries; a strided tensor takes the flat path."""
+    from dpclip.noise import add_normal_, fill_normal
+
+    base = [torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in sizes]
+    flat = fill_normal(torch.empty(sum(sizes), dtype=torch.float64), 0.9, torch.Generator().manual_seed(3))
+    want, offset = [], 0
+    for b in base:
+        want.append(b + flat[offset : offset + b.numel()])
+        offset += b.numel()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = [b.clone() for b in base]
+            add_normal_(got, 0.9, torch.Generator().manual_seed(3))
+            assert torch.get_num_threads() == threads
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    finally:
+        torch.set_num_threads(before)
+    strided = [b.clone() for b in base]
+    if sizes[0] > 1:  # a non-contiguous first tensor: the same values through the flat path
+        wide = torch.zeros(sizes[0], 2, dtype=torch.float64)
+        strided[0] = wide[:, 0]
+        strided[0].copy_(base[0])
+        add_normal_(strided, 0.9, torch.Generator().manual_seed(3))
+        assert all(torch.equal(g, w) for g, w in zip(strided, want))
+        assert torch.equal(wide[:, 0], want[0]) and not wide[:, 1].any()
