@@ -613,8 +613,9 @@ def _conv_gram_sq(module: nn.modules.conv._ConvNd, activations, backprops) -> to
     ``g x_k^T`` with ``x_k [Cg, L]`` the input positions that offset reads. Its squared norm,
     summed over offsets, is ``sum_{l, l'} (g^T g)[l, l'] sum_k (x^T x)[pos_k(l), pos_k(l')]``:
     the ghost norm of Li et al. (2022) with the patches' Gram matrix ``sum_k x_k^T x_k`` read
-    off the ``[P, P]`` Gram matrix of the padded input through strided views (one view
-    per offset), instead of from unfolded patches. That costs ``P^2 Cg + L^2 Og`` multiply-adds
+    off the ``[P, P]`` Gram matrix of the padded input (at stride 1 as contiguous ``[N, N]``
+    blocks, one per offset; otherwise through one strided view per offset), instead of from
+    unfolded patches. That costs ``P^2 Cg + L^2 Og`` multiply-adds
     (``P0^2 Cg`` for zero padding: the Gram matrix of the ``P0`` unpadded positions, set in a
     zero ``[P, P]`` one) and ``K L^2`` additions per sample against ``L Cg K Og`` for the
     per-sample gradient, and
@@ -711,7 +712,7 @@ def _conv_sq(module, activations, backprops, scratch: dict | None = None) -> Gra
                 # per-sample gradients from the patches (one matmul, as the clipped sum from
                 # kept patches would cost anyway) instead of the ghost norm's L^2 (d + p); the
                 # clipped sum is then a weighted sum of them (W2's 16->32 layer: norm and sum
-                # 4.0 -> 2.6 ms; docs/design.md E18)
+                # 4.1 -> 2.7 ms; docs/design.md E18)
                 psg = _conv_psg_from_patches(module, activations, backprops)
                 scratch["psg"] = psg
                 out["weight"] = _sq(psg.view(B, -1)) if B else activations.new_zeros(0)
