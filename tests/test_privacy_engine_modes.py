@@ -45,6 +45,27 @@ class CNN(nn.Module):
         return self.fc(F.relu(self.norm(self.conv(x))).flatten(1))
 
 
+class ConvPaths(nn.Module):
+    """Every conv path of the rules in one model (docs/design.md E16-E18): a one-channel 8x8
+    stride-2 layer (per-sample gradients by a forward conv, formed in the backward hook), a
+    W2-like 16->32 4x4 stride-2 layer (per-sample gradients from patches, kept for the clipped
+    sum), a depthwise 3x3 (forward conv, groups) and a 32->32 3x3 with zero padding (the Gram
+    norm from the unpadded input, summed over contiguous blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 8, stride=2, padding=3)
+        self.c2 = nn.Conv2d(16, 32, 4, stride=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.tanh(self.c1(x)), 2, 1)  # [B, 16, 13, 13]
+        h = torch.tanh(self.dw(torch.tanh(self.c2(h))))  # [B, 32, 5, 5]
+        return self.fc(torch.tanh(self.c3(h)).mean((2, 3)))
+
+
 class Transformer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -73,10 +94,12 @@ def _inputs(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
         return torch.randn(n, 6, generator=g, dtype=torch.float64)
     if kind.startswith("cnn"):
         return torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+    if kind == "conv_paths":
+        return torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
     return torch.randint(0, 20, (n, 5), generator=g)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "transformer": Transformer, "lstm": LSTMNet}
+MODELS = {"mlp": MLP, "cnn": CNN, "conv_paths": ConvPaths, "transformer": Transformer, "lstm": LSTMNet}
 
 
 def _setup(kind: str, n: int = N, seed: int = 0):
