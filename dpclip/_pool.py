@@ -1,6 +1,6 @@
 """One process-wide thread pool for the CPU work dpclip splits across cores.
 
-Used by the noise draw (:func:`dpclip.noise.fill_normal`) and the per-sample conv chunks
+Used, through :func:`in_shares`, by the noise draw (:mod:`dpclip.noise`) and the per-sample conv chunks
 (``dpclip.grad_sample.rules._map_chunks``). Also :func:`serial`, which runs small passes on
 one intra-op thread. It holds threads only, no state that affects a
 result: callers give every piece of work its own inputs and outputs, so which thread runs it
@@ -13,11 +13,13 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["helper_pool", "serial", "SERIAL_MAX"]
+__all__ = ["helper_pool", "in_shares", "serial", "SERIAL_MAX"]
+
+T = TypeVar("T")
 
 _LOCK = threading.Lock()
 _POOL: dict[str, object] = {}  # {"pid": int, "pool": ThreadPoolExecutor}: reused across steps
@@ -31,6 +33,34 @@ def helper_pool() -> ThreadPoolExecutor:
                                                thread_name_prefix="dpclip-helper")
             _POOL["pid"] = os.getpid()
         return _POOL["pool"]  # type: ignore[return-value]
+
+
+def in_shares(fn: Callable[[int, int], T], count: int) -> list[T]:
+    """``[fn(lo, hi), ...]`` over ``range(count)`` cut into one contiguous share per torch
+    thread, in share order. The calling thread runs the first share and the pool the others,
+    each on one intra-op thread and in the caller's grad mode (it is thread-local); the thread
+    count is restored afterwards. With one thread or one item it is ``[fn(0, count)]`` on the
+    caller. Each share must write only its own outputs, so that values do not depend on the
+    thread count."""
+    threads = torch.get_num_threads()
+    workers = min(threads, count)
+    if workers <= 1:
+        return [fn(0, count)]
+    bounds = [count * j // workers for j in range(workers + 1)]
+    grad_enabled = torch.is_grad_enabled()
+
+    def run(lo: int, hi: int) -> T:
+        torch.set_num_threads(1)
+        with torch.set_grad_enabled(grad_enabled):
+            return fn(lo, hi)
+
+    try:
+        futures = [helper_pool().submit(run, bounds[j], bounds[j + 1]) for j in range(1, workers)]
+        out = [run(bounds[0], bounds[1])]
+        out.extend(future.result() for future in futures)
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 SERIAL_MAX = 1 << 19

@@ -42,7 +42,7 @@ from fractions import Fraction
 
 import torch
 
-from ._pool import helper_pool, serial
+from ._pool import in_shares, serial
 
 __all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "secure_generator"]
 
@@ -223,21 +223,21 @@ def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> t
     n = flat.numel()
     if flat.device.type != "cpu" or n <= NOISE_CHUNK:
         return flat.normal_(0.0, std, generator=generator)
-    pieces = -(-n // NOISE_CHUNK)
-    seeds = torch.randint(0, 1 << 62, (pieces,), generator=generator, dtype=torch.int64).tolist()
+    seeds = _piece_seeds(n, generator)
 
     def fill(lo: int, hi: int) -> None:
         for k in range(lo, hi):
             piece = flat[k * NOISE_CHUNK : (k + 1) * NOISE_CHUNK]
             piece.normal_(0.0, std, generator=torch.Generator().manual_seed(seeds[k]))
 
-    workers = max(1, min(torch.get_num_threads(), pieces))
-    bounds = [pieces * j // workers for j in range(workers + 1)]
-    futures = [helper_pool().submit(fill, bounds[j], bounds[j + 1]) for j in range(1, workers)]
-    fill(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
+    in_shares(fill, len(seeds))
     return flat
+
+
+def _piece_seeds(n: int, generator: torch.Generator) -> list[int]:
+    """One 62-bit seed per :data:`NOISE_CHUNK` numbers of a draw of ``n``, from ``generator``."""
+    pieces = -(-n // NOISE_CHUNK)
+    return torch.randint(0, 1 << 62, (pieces,), generator=generator, dtype=torch.int64).tolist()
 
 
 def add_normal_(dests: list[torch.Tensor], std: float, generator: torch.Generator) -> None:
@@ -280,27 +280,16 @@ def add_normal_(dests: list[torch.Tensor], std: float, generator: torch.Generato
         with serial(n, piece.device):
             add(piece, 0)
         return
-    pieces = -(-n // NOISE_CHUNK)
-    seeds = torch.randint(0, 1 << 62, (pieces,), generator=generator, dtype=torch.int64).tolist()
+    seeds = _piece_seeds(n, generator)
 
     def fill(lo: int, hi: int) -> None:
-        torch.set_num_threads(1)  # each piece is one thread's work
         buffer = torch.empty(NOISE_CHUNK, dtype=dtype)
         for k in range(lo, hi):
             piece = buffer[: min(NOISE_CHUNK, n - k * NOISE_CHUNK)]
             piece.normal_(0.0, std, generator=torch.Generator().manual_seed(seeds[k]))
             add(piece, k * NOISE_CHUNK)
 
-    threads = torch.get_num_threads()
-    workers = max(1, min(threads, pieces))
-    bounds = [pieces * j // workers for j in range(workers + 1)]
-    try:
-        futures = [helper_pool().submit(fill, bounds[j], bounds[j + 1]) for j in range(1, workers)]
-        fill(bounds[0], bounds[1])
-        for future in futures:
-            future.result()
-    finally:
-        torch.set_num_threads(threads)
+    in_shares(fill, len(seeds))
 
 
 # ----------------------------------------------------------------------------- generator

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._pool import helper_pool, serial as _serial
+from .._pool import in_shares, serial as _serial
 
 __all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
 
@@ -403,26 +403,10 @@ def _map_chunks(fn: Callable[[int, int], torch.Tensor], batch: int, chunk: int, 
     docs/design.md E15). The thread count is restored afterwards; values do not depend on it.
     """
     starts = list(range(0, batch, chunk))
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or len(starts) <= 1:
+    if device.type != "cpu":
         return [fn(i, min(i + chunk, batch)) for i in starts]
-    workers = min(threads, len(starts))
-    bounds = [len(starts) * j // workers for j in range(workers + 1)]
-    grad_enabled = torch.is_grad_enabled()  # thread-local: the pool's threads take the caller's
-
-    def run(lo: int, hi: int) -> list:
-        torch.set_num_threads(1)
-        with torch.set_grad_enabled(grad_enabled):
-            return [fn(starts[k], min(starts[k] + chunk, batch)) for k in range(lo, hi)]
-
-    try:
-        futures = [helper_pool().submit(run, bounds[j], bounds[j + 1]) for j in range(1, workers)]
-        out = run(bounds[0], bounds[1])
-        for future in futures:
-            out.extend(future.result())
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    shares = in_shares(lambda lo, hi: [fn(i, min(i + chunk, batch)) for i in starts[lo:hi]], len(starts))
+    return [part for share in shares for part in share]
 
 
 _SPREAD_MIN = 1 << 16  # numbers of temporaries below which a batch is not split across threads
@@ -501,11 +485,11 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
     C, O, G = x.shape[1], g.shape[1], module.groups
     n = len(k)
     L = math.prod(g.shape[2:])
+    if C // G <= _FORWARD_PSG_MAX_CG.get(n, 0):
+        return _conv_psg_by_forward(module, x, padding, g, out)
     # samples per piece: the unfolded patches of a piece stay below _CHUNK_NUMBERS numbers
     # (a fresh block above ~32 MB costs page faults on every call; see _in_chunks)
     chunk = max(1, _CHUNK_NUMBERS // max(1, L * C * math.prod(k)))
-    if C // G <= _FORWARD_PSG_MAX_CG.get(n, 0):
-        return _conv_psg_by_forward(module, x, padding, g, out)
     if n <= 2 and (C // G) * math.prod(k) <= _UNFOLD_MAX_D:
         pad = padding if isinstance(padding, tuple) else (0,) * n
         if n == 1:  # as a 2-D conv of height 1
