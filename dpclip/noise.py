@@ -44,7 +44,12 @@ import torch
 
 from ._pool import in_shares, serial
 
-__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "secure_generator"]
+try:  # the CPU noise kernel (dpclip/_csrc/gauss.c); absent when the install had no C compiler
+    from . import _gauss
+except ImportError:  # pragma: no cover - depends on the build
+    _gauss = None
+
+__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "noise_kernel", "secure_generator"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -204,22 +209,88 @@ class GaussianNoise:
 
 # ----------------------------------------------------------------------------- parallel draw
 NOISE_CHUNK = 1 << 16
-"""Numbers per independently seeded piece of a large CPU draw (:func:`fill_normal`)."""
+"""Numbers per independently seeded piece of a large CPU draw with torch's generator (the
+path without the kernel, and for half-precision tensors)."""
+
+KERNEL_SPLIT = 1 << 15
+"""Numbers above which a kernel draw is split across ``torch.get_num_threads()`` threads."""
+
+
+def noise_kernel() -> str | None:
+    """The instruction set the CPU noise kernel runs on (``'avx512'``, ``'avx2'`` or
+    ``'generic'``), or None when dpclip was installed without it (no C compiler), in which case
+    CPU noise comes from torch's generator in seeded pieces (docs/design.md P7, P11)."""
+    return None if _gauss is None else _gauss.isa()
+
+
+def _kernel_takes(tensors: list[torch.Tensor], generator: torch.Generator) -> bool:
+    """The kernel draws for ``tensors``: CPU generator, all contiguous CPU float32 or all
+    float64."""
+    if _gauss is None or generator.device.type != "cpu" or not tensors:
+        return False
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
+    )
+
+
+def _kernel_draw(dests: list[torch.Tensor], std: float, generator: torch.Generator, add: bool) -> None:
+    """Write (``add=False``) or add i.i.d. ``N(0, std^2)`` into ``dests`` (contiguous, one
+    dtype), numbers ``0 .. n-1`` of the kernel's stream for a 64-bit key drawn from
+    ``generator`` (one ``randint``), laid over the tensors one after the other.
+
+    The stream is Philox4x32-10 (Salmon et al. 2011) through the Box-Muller transform, layout in
+    dpclip/_csrc/gauss.c. Number ``i`` is a function of ``(key, i)`` alone, so the threads each
+    take a contiguous share of whole batches and the values do not depend on the thread count.
+    """
+    n = sum(t.numel() for t in dests)
+    if n == 0:
+        return
+    key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
+    key &= (1 << 64) - 1
+    is_f64 = dests[0].dtype == torch.float64
+    per, size = (128, 8) if is_f64 else (256, 4)
+    spans, start = [], 0
+    for t in dests:
+        if t.numel():
+            spans.append((start, t.numel(), t.data_ptr()))
+            start += t.numel()
+
+    def share(lo: int, hi: int) -> None:  # batches lo .. hi-1
+        a, b = lo * per, min(hi * per, n)
+        addresses, counts = [], []
+        for s, count, address in spans:
+            x, y = max(a, s), min(b, s + count)
+            if x < y:
+                addresses.append(address + (x - s) * size)
+                counts.append(y - x)
+        _gauss.fill(addresses, counts, a, key, std, is_f64, add)
+
+    batches = -(-n // per)
+    if n <= KERNEL_SPLIT:
+        share(0, batches)
+    else:
+        in_shares(share, batches)
+
 
 def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """Fill the 1-D tensor ``flat`` in place with i.i.d. ``N(0, std^2)`` from ``generator``.
 
-    On CPU a single ``normal_`` runs on one core (torch's CPU generator is sequential), and for
-    a model of a few hundred thousand parameters it is the largest cost DP-SGD adds to a step
-    (2.3 ms of an 11.8 ms MLP step, docs/benchmarks.md). Above :data:`NOISE_CHUNK` numbers the
-    draw is therefore split into pieces of that size; piece ``k`` is drawn from its own MT19937
-    seeded with the ``k``-th of a vector of 62-bit seeds drawn from ``generator``, and the pieces
-    are filled on ``torch.get_num_threads()`` threads. The values depend only on ``generator``'s
-    state and ``flat.numel()``, not on the thread count, so a run stays reproducible on any
-    machine. On CUDA (already parallel) and for small draws it is one ``normal_`` call.
+    On CPU, for float32 and float64, the numbers come from dpclip's noise kernel
+    (dpclip/_csrc/gauss.c, docs/design.md P11): a counter-based Philox4x32-10 stream keyed by 64
+    bits drawn from ``generator``, through a vectorised Box-Muller transform, about 3x faster
+    than torch's ``normal_`` per core, split over ``torch.get_num_threads()`` threads above
+    :data:`KERNEL_SPLIT` numbers. Without the kernel (or for half precision) a large draw is
+    split into :data:`NOISE_CHUNK`-number pieces, piece ``k`` drawn by torch's MT19937 seeded
+    with the ``k``-th of a vector of 62-bit seeds from ``generator`` (P7). Either way the values
+    depend only on ``generator``'s state and ``flat.numel()``, not on the thread count. On CUDA
+    (already parallel) and for small torch draws it is one ``normal_`` call.
 
     Shapes: ``flat [n]``, contiguous. Returns ``flat``.
     """
+    if _kernel_takes([flat], generator):
+        _kernel_draw([flat], std, generator, add=False)
+        return flat
     n = flat.numel()
     if flat.device.type != "cpu" or n <= NOISE_CHUNK:
         return flat.normal_(0.0, std, generator=generator)
@@ -245,13 +316,17 @@ def add_normal_(dests: list[torch.Tensor], std: float, generator: torch.Generato
     the numbers :func:`fill_normal` would draw into one flat buffer holding the tensors one
     after the other, in ``dests``' order.
 
-    On CPU, with every tensor contiguous, each piece of :data:`NOISE_CHUNK` numbers is drawn
-    into a buffer of that size (one per thread, cache-resident) and added to the slices of the
-    tensors it covers, by the thread that drew it; the pieces run on ``torch.get_num_threads()``
-    threads as in :func:`fill_normal`. Otherwise (CUDA, strided tensors, a generator on another
-    device) the draw goes into one flat buffer that is then added.
+    With the noise kernel (CPU, contiguous float32 or float64) the kernel adds its numbers
+    straight into the tensors, each thread a share of the stream: no buffer at all. Otherwise,
+    on CPU with contiguous tensors, each :data:`NOISE_CHUNK`-number piece is drawn into a
+    cache-resident buffer per thread and added to the slices it covers (P10). In every other
+    case (CUDA, strided tensors, a generator on another device) the draw goes into one flat
+    buffer that is then added.
     """
     if not dests:
+        return
+    if _kernel_takes(dests, generator):
+        _kernel_draw(dests, std, generator, add=True)
         return
     n = sum(t.numel() for t in dests)
     device, dtype = generator.device, dests[0].dtype

@@ -488,9 +488,37 @@ def test_secure_generator():
 
 
 # ----------------------------------------------------------------------------- fill_normal
-def test_fill_normal_small_draw_is_one_normal_call():
+@pytest.fixture(params=["kernel", "torch"])
+def source(request, monkeypatch):
+    """Run the test with dpclip's noise kernel and again with torch's generator in pieces
+    (the path of an install without a C compiler)."""
+    import dpclip.noise as noise_module
+
+    if request.param == "kernel" and noise_module._gauss is None:
+        pytest.skip("dpclip was installed without the noise kernel")
+    if request.param == "torch":
+        monkeypatch.setattr(noise_module, "_gauss", None)
+    return request.param
+
+
+def test_the_kernel_is_built_where_a_c_compiler_is():
+    """make test installs with the kernel on Linux with a C compiler: its absence there is a
+    build failure, not a reason to skip the kernel's tests."""
+    import shutil
+    import sys
+
+    from dpclip.noise import noise_kernel
+
+    if not (sys.platform.startswith("linux") and shutil.which("cc")):
+        pytest.skip("no C compiler on this platform")
+    assert noise_kernel() in ("avx512", "avx2", "generic")
+
+
+def test_fill_normal_small_draw_is_one_normal_call(source):
     from dpclip.noise import NOISE_CHUNK, fill_normal
 
+    if source == "kernel":
+        pytest.skip("the kernel draws every size with its own stream")
     n = NOISE_CHUNK
     got = fill_normal(torch.empty(n), 2.0, torch.Generator().manual_seed(5))
     want = torch.empty(n).normal_(0.0, 2.0, generator=torch.Generator().manual_seed(5))
@@ -498,7 +526,7 @@ def test_fill_normal_small_draw_is_one_normal_call():
 
 
 @pytest.mark.parametrize("n", [(1 << 16) + 1, 5 * (1 << 16) + 123])
-def test_fill_normal_large_draw_depends_on_the_generator_only(n):
+def test_fill_normal_large_draw_depends_on_the_generator_only(n, source):
     from dpclip.noise import fill_normal
 
     before = torch.get_num_threads()
@@ -514,7 +542,7 @@ def test_fill_normal_large_draw_depends_on_the_generator_only(n):
     assert not torch.equal(draws[0], other)
 
 
-def test_fill_normal_large_draw_is_iid_standard_normal():
+def test_fill_normal_large_draw_is_iid_standard_normal(source):
     from dpclip.noise import NOISE_CHUNK, fill_normal
 
     pieces = 8
@@ -534,7 +562,7 @@ def test_fill_normal_large_draw_is_iid_standard_normal():
     assert (cdf - emp).abs().max().item() < 1.63 / math.sqrt(n)  # the 1% critical value
 
 
-def test_plain_add_in_place_equals_add():
+def test_plain_add_in_place_equals_add(source):
     """GaussianNoise.add_ gives add's values bit for bit (same generator state, mixed dtypes,
     sizes above and below one parallel piece), in the caller's tensors; without noise it
     touches nothing."""
@@ -561,7 +589,7 @@ def test_plain_add_in_place_equals_add():
 
 
 @pytest.mark.parametrize("sizes", [[5], [1 << 16], [(1 << 16) - 3, 7, 1], [100_000, 3, 70_000, 65_536], [0, 131_073]])
-def test_add_normal_in_place_equals_the_flat_draw(sizes):
+def test_add_normal_in_place_equals_the_flat_draw(sizes, source):
     """add_normal_ adds exactly fill_normal's numbers over the concatenation, on 1-3 threads,
     with tensors that straddle piece boundaries; a strided tensor takes the flat path."""
     from dpclip.noise import add_normal_, fill_normal
