@@ -116,12 +116,12 @@ class GaussianNoise:
 
     The noise is drawn from ``generator`` on the generator's device (then moved to each sum's
     device), so a run is reproducible from the generator's state and no global RNG is touched.
-    All sums of one dtype get their noise from a single draw (:func:`fill_normal` on one flat
-    buffer, in the mapping's key order; in parallel pieces on CPU) that each sum is added
-    into: 1 + K kernels and two passes per coordinate instead of 3K kernels and three passes for K tensors. That is the
-    same cost single-threaded (the draw dominates) and about half under intra-op thread
-    contention (docs/secure_mode.md, section 6); the values are i.i.d. ``N(0, std^2)`` either
-    way, though not the same values as one draw per tensor.
+    All sums of one dtype get their noise from a single draw over their concatenation, in the
+    mapping's key order (:func:`fill_normal`; :func:`add_normal_` for :meth:`add_`). On CPU
+    that draw is dpclip's noise kernel (counter-based Philox and a vectorised Box-Muller,
+    docs/design.md P11) split over the intra-op threads, or, without the kernel, torch's
+    generator in seeded pieces (P7). The values are i.i.d. ``N(0, std^2)`` either way, though
+    not the same values as one draw per tensor.
 
     Not safe against floating-point attacks: the released float ``fl(x + noise)`` carries
     information about ``x`` in its low-order bits (Mironov 2012; Jin et al. 2022, who attack
