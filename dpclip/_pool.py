@@ -13,11 +13,11 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, ContextManager, Iterator, TypeVar
 
 import torch
 
-__all__ = ["helper_pool", "in_shares", "serial", "SERIAL_MAX"]
+__all__ = ["helper_pool", "in_shares", "serial", "serial_gemm", "GEMM_SERIAL_FLOPS", "SERIAL_MAX"]
 
 T = TypeVar("T")
 
@@ -67,15 +67,24 @@ SERIAL_MAX = 1 << 19
 """Numbers up to which an element-wise pass runs on one CPU thread (:func:`serial`)."""
 
 
+GEMM_SERIAL_FLOPS = 12_000_000
+"""Floating-point operations up to which a matrix product runs on one CPU thread
+(:func:`serial_gemm`). Measured on 2 threads after a parallel region, workers asleep:
+``[10, 256] @ [256, 32]`` 140 us on two threads and 22 on one; ``[32, 256] @ [256, 512]``
+(8.4 MFLOP) 174 and 162; 16.8 MFLOP break even (docs/design.md E19)."""
+
+
 @contextmanager
-def serial(numbers: int, device: torch.device) -> Iterator[None]:
-    """Run the block on one intra-op thread when it touches at most :data:`SERIAL_MAX`
-    numbers on CPU. Waking the sleeping OpenMP workers (``OMP_WAIT_POLICY=passive``, the
+def serial(numbers: int, device: torch.device, limit: int = SERIAL_MAX) -> Iterator[None]:
+    """Run the block on one intra-op thread when it touches at most ``limit``
+    (:data:`SERIAL_MAX`) numbers on CPU. Waking the sleeping OpenMP workers (``OMP_WAIT_POLICY=passive``, the
     engine benchmark's setting) costs more than splitting such a pass saves: W1's six
     per-sample norms took 0.63 ms on two threads and 0.18 ms on one (docs/design.md E19). The
-    thread count is restored afterwards, also on an exception; values do not depend on it."""
+    thread count is restored afterwards, also on an exception; values do not depend on it.
+    torch's vectorised math functions (``sqrt``, ``exp``, ``log``) split even a 256-number call
+    across the threads: 58 us on two threads and 1.3 us on one."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or numbers > SERIAL_MAX:
+    if device.type != "cpu" or threads <= 1 or numbers > limit:
         yield
         return
     torch.set_num_threads(1)
@@ -83,3 +92,9 @@ def serial(numbers: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def serial_gemm(flops: int, device: torch.device) -> ContextManager[None]:
+    """:func:`serial` for a matrix product of ``flops`` floating-point operations (``2 m n k``):
+    one thread up to :data:`GEMM_SERIAL_FLOPS`."""
+    return serial(flops, device, limit=GEMM_SERIAL_FLOPS)

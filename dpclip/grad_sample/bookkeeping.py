@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .._pool import serial
 from .hooks import GradSampler
 
 __all__ = ["Clipper", "clip_and_sum"]
@@ -85,13 +86,13 @@ def clip_and_sum(
         for p in group:
             total = total + sq[p].to(device=device, dtype=dtype)
         columns.append(total)
-    norms = (
-        torch.stack(columns, dim=1)
-        if columns
-        else torch.zeros(batch, 0, dtype=dtype, device=device)
-    ).clamp_min(0).sqrt()
-
-    scales = clipper(norms)
+    with serial(batch * max(1, len(columns)), device):  # tiny: waking the workers costs more (E19)
+        norms = (
+            torch.stack(columns, dim=1)
+            if columns
+            else torch.zeros(batch, 0, dtype=dtype, device=device)
+        ).clamp_min(0).sqrt()
+        scales = clipper(norms)
     if tuple(scales.shape) != tuple(norms.shape):
         raise ValueError(
             f"clip_and_sum: the clipper returned scales of shape {tuple(scales.shape)} for "

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._pool import in_shares, serial as _serial
+from .._pool import in_shares, serial as _serial, serial_gemm as _serial_gemm
 
 __all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
 
@@ -225,7 +225,8 @@ def _linear_clipped(module: nn.Linear, activations, backprops, scales) -> Grads:
         # scale the narrower operand: one pass over B T min(d, p) numbers, then one GEMM
         with _serial(B * T * min(d, p), a.device):
             scaled = a2 * s[:, None] if d <= p else g2 * s[:, None]
-        out["weight"] = g2.t() @ scaled if d <= p else scaled.t() @ a2
+        with _serial_gemm(2 * B * T * d * p, a.device):
+            out["weight"] = g2.t() @ scaled if d <= p else scaled.t() @ a2
     if _trainable(module, "bias"):
         s = _scale(scales, "bias", g)
         if T > 1:
