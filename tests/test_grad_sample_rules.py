@@ -636,6 +636,81 @@ def test_float32_conv_hypothesis(B, groups, k, stride, dilation, padding, mode, 
         _float32_check(make, inputs, mp, ghost=ghost, seed=seed)
 
 
+needs_conv_kernel = pytest.mark.skipif(
+    rules_mod._convpsg is None or not rules_mod._convpsg.available(),
+    reason="dpclip's conv2d kernel is not built or this CPU has no AVX2",
+)
+
+
+@needs_conv_kernel
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 5),
+    groups=st.sampled_from([1, 2]),
+    cg=st.integers(1, 4),
+    og=st.sampled_from([8, 9, 16, 19]),  # blocks of 8 outputs and the remainder
+    k=st.tuples(st.integers(1, 5), st.integers(1, 13)),  # widths past 8: two column blocks
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),  # dilated columns: the gather
+    padding=st.sampled_from([(0, 0), (1, 2), "same"]),
+    mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    bias=st.booleans(),
+    spread=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_float32_conv2d_kernel_hypothesis(B, groups, cg, og, k, stride, dilation, padding, mode, bias, spread, seed):
+    """dpclip's per-sample conv2d kernel (float32) within 1e-5 relative of the float64 oracle:
+    per-sample gradients, norms and clipped sums, over groups, outputs per group, kernel
+    sizes, strides, dilations and paddings, with the batch in one call or in one share per
+    thread; the kernel is forced (every 2-D layer with 8+ outputs per group) and must be used."""
+    if padding == "same":
+        stride = (1, 1)
+    make = lambda: nn.Conv2d(groups * cg, groups * og, k, stride=stride, padding=padding,  # noqa: E731
+                             dilation=dilation, groups=groups, bias=bias, padding_mode=mode)
+    inputs = lambda: torch.randn((B, groups * cg, 13, 29), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    calls = []
+    kernel = rules_mod._conv_psg_kernel
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rules_mod, "_KERNEL_MIN_KW", 1)
+        mp.setattr(rules_mod, "_conv_psg_kernel", lambda *a: calls.append(1) or kernel(*a))
+        if spread:
+            mp.setattr(rules_mod, "_SPREAD_MIN", 0)
+        _float32_check(make, inputs, mp, seed=seed)
+    assert calls
+
+
+@needs_conv_kernel
+def test_conv2d_kernel_takes_the_layers_it_wins_on():
+    """W2's 1->16 8x8 layer and an RGB 3x3 first layer go to the kernel; a wide 3x3 layer, a
+    depthwise conv, float64, 1-D and 3-D convs do not."""
+    def takes(layer, shape, dtype=torch.float32):
+        x = torch.zeros(shape, dtype=dtype)
+        with torch.no_grad():
+            y = layer.to(dtype)(x)
+        return rules_mod._conv_kernel_takes(layer, x, torch.zeros_like(y))
+
+    assert takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28))
+    assert takes(nn.Conv2d(3, 32, 3, padding=1), (2, 3, 32, 32))
+    assert not takes(nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16))
+    assert not takes(nn.Conv2d(16, 16, 3, padding=1, groups=16), (2, 16, 8, 8))
+    assert not takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28), torch.float64)
+    assert not takes(nn.Conv1d(1, 16, 8), (2, 1, 28))
+    assert not takes(nn.Conv3d(1, 16, 3), (2, 1, 6, 6, 6))
+
+
+@needs_conv_kernel
+def test_conv2d_kernel_refuses_inconsistent_shapes():
+    from dpclip import _convpsg
+
+    x, g, out = torch.zeros(1, 1, 4, 4), torch.zeros(1, 8, 3, 3), torch.zeros(1, 8, 1, 3, 3)
+    dims = (1, 4, 4, 8, 3, 3, 1, 3, 3, 1, 1, 1, 1)  # a 3x3 output needs a 5x5 input
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        _convpsg.conv2d_psg(x.data_ptr(), g.data_ptr(), out.data_ptr(), 0, 1, dims)
+    with pytest.raises(ValueError, match="out of range"):
+        _convpsg.conv2d_psg(x.data_ptr(), g.data_ptr(), out.data_ptr(), 0, 1, (0,) + dims[1:])
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     B=st.integers(1, 6),

@@ -1,0 +1,169 @@
+/* dpclip._convpsg: per-sample weight gradients of a 2-D convolution, float32, on CPU.
+ *
+ *   out[b, o, c, ki, kj] = sum_{y < Ho, x < Wo} g[b, o, y, x] * xp[b, grp(o) Cg + c, sh y + dh ki, sw x + dw kj]
+ *
+ * for a padded input xp [B, C, H, W], output gradients g [B, O, Ho, Wo] and out [B, O, Cg, kh, kw]
+ * (the weight's layout), all contiguous; G groups of Cg = C / G inputs and Og = O / G outputs.
+ *
+ * Why: torch has no batched kernel for this. Its grouped weight-gradient and forward-conv
+ * kernels with the samples as groups, and unfold + bmm, all read or write B-sized
+ * temporaries (patches) from memory or run small GEMMs at a fraction of the machine's speed
+ * (docs/design.md E20). Here each sample's input stays in L1/L2, no patches are formed, and the
+ * accumulators of 8 outputs x 8 kernel columns stay in registers over all output positions.
+ *
+ * AVX2 + FMA only (x86-64 with GCC); available() says whether this machine can run it, and
+ * dpclip.grad_sample.rules uses torch's kernels where it cannot. The sum over positions runs
+ * in a different order from torch's kernels, so float32 results differ in the last bits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+static int have_kernel = 0;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define HAVE_KERNEL_CODE 1
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+typedef struct {
+    int64_t C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw;
+} dims_t;
+
+/* one (sample, group, input channel, kernel row, 8 kernel columns) and a block of 8 outputs */
+static inline void block8(const float *xrow0, const float *gb, float *dst, const dims_t *d, int64_t L,
+                          __m256i mask, __m256i idx, int contiguous) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t y = 0; y < d->Ho; y++) {
+        const float *row = xrow0 + d->sh * y * d->W;
+        const float *gy = gb + y * d->Wo;
+        for (int64_t x = 0; x < d->Wo; x++) {
+            const float *base = row + d->sw * x;
+            __m256 v = contiguous ? _mm256_maskload_ps(base, mask)
+                                  : _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask), 4);
+            const float *gp = gy + x;
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + L), v, a1);
+            a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 2 * L), v, a2);
+            a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 3 * L), v, a3);
+            a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 4 * L), v, a4);
+            a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 5 * L), v, a5);
+            a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 6 * L), v, a6);
+            a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 7 * L), v, a7);
+        }
+    }
+    const int64_t so = (d->C / d->G) * d->kh * d->kw; /* out's stride between outputs */
+    _mm256_maskstore_ps(dst, mask, a0);
+    _mm256_maskstore_ps(dst + so, mask, a1);
+    _mm256_maskstore_ps(dst + 2 * so, mask, a2);
+    _mm256_maskstore_ps(dst + 3 * so, mask, a3);
+    _mm256_maskstore_ps(dst + 4 * so, mask, a4);
+    _mm256_maskstore_ps(dst + 5 * so, mask, a5);
+    _mm256_maskstore_ps(dst + 6 * so, mask, a6);
+    _mm256_maskstore_ps(dst + 7 * so, mask, a7);
+}
+
+/* fewer than 8 outputs left in a group */
+static inline void block1(const float *xrow0, const float *gb, float *dst, const dims_t *d,
+                          __m256i mask, __m256i idx, int contiguous) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t y = 0; y < d->Ho; y++) {
+        const float *row = xrow0 + d->sh * y * d->W;
+        const float *gy = gb + y * d->Wo;
+        for (int64_t x = 0; x < d->Wo; x++) {
+            const float *base = row + d->sw * x;
+            __m256 v = contiguous ? _mm256_maskload_ps(base, mask)
+                                  : _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask), 4);
+            a = _mm256_fmadd_ps(_mm256_broadcast_ss(gy + x), v, a);
+        }
+    }
+    _mm256_maskstore_ps(dst, mask, a);
+}
+
+static void run(const float *x, const float *g, float *out, int64_t b0, int64_t b1, const dims_t *d) {
+    const int64_t Cg = d->C / d->G, Og = d->O / d->G, L = d->Ho * d->Wo, HW = d->H * d->W;
+    const int contiguous = d->dw == 1;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i idx = _mm256_mullo_epi32(lanes, _mm256_set1_epi32((int)d->dw));
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + b * d->C * HW;
+        const float *gb = g + b * d->O * L;
+        float *ob = out + b * d->O * Cg * d->kh * d->kw;
+        for (int64_t grp = 0; grp < d->G; grp++) {
+            for (int64_t c = 0; c < Cg; c++) {
+                const float *xc = xb + (grp * Cg + c) * HW;
+                for (int64_t ki = 0; ki < d->kh; ki++) {
+                    for (int64_t kj0 = 0; kj0 < d->kw; kj0 += 8) {
+                        int64_t nk = d->kw - kj0 < 8 ? d->kw - kj0 : 8;
+                        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nk), lanes);
+                        const float *xrow0 = xc + d->dh * ki * d->W + d->dw * kj0;
+                        int64_t o = grp * Og, end = (grp + 1) * Og;
+                        for (; o + 8 <= end; o += 8)
+                            block8(xrow0, gb + o * L, ob + ((o * Cg + c) * d->kh + ki) * d->kw + kj0, d, L, mask, idx, contiguous);
+                        for (; o < end; o++)
+                            block1(xrow0, gb + o * L, ob + ((o * Cg + c) * d->kh + ki) * d->kw + kj0, d, mask, idx, contiguous);
+                    }
+                }
+            }
+        }
+    }
+}
+#pragma GCC pop_options
+#endif
+
+static PyObject *py_psg(PyObject *self, PyObject *args) {
+    unsigned long long xa, ga, oa;
+    long long b0, b1, v[13];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, &b0, &b1, &v[0], &v[1], &v[2], &v[3], &v[4],
+                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
+        return NULL;
+    if (!have_kernel) {
+        PyErr_SetString(PyExc_RuntimeError, "conv2d_psg: this machine has no AVX2/FMA kernel; check available() first");
+        return NULL;
+    }
+    for (int i = 0; i < 13; i++) {
+        if (v[i] < (i == 0 || i == 3 || i == 6 ? 1 : 0) || v[i] > (1LL << 31)) {
+            PyErr_Format(PyExc_ValueError, "conv2d_psg: dimension %d out of range: %lld", i, v[i]);
+            return NULL;
+        }
+    }
+    if (xa == 0 || ga == 0 || oa == 0 || b0 < 0 || b1 < b0 || v[0] % v[6] || v[3] % v[6] || v[9] < 1 || v[10] < 1 ||
+        v[11] < 1 || v[12] < 1 || v[1] < (v[7] - 1) * v[11] + 1 + (v[4] - 1) * v[9] ||
+        v[2] < (v[8] - 1) * v[12] + 1 + (v[5] - 1) * v[10]) {
+        PyErr_SetString(PyExc_ValueError, "conv2d_psg: inconsistent shapes (groups, strides, or an input too small for the output)");
+        return NULL;
+    }
+#ifdef HAVE_KERNEL_CODE
+    dims_t d = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
+    Py_BEGIN_ALLOW_THREADS
+    run((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)oa, b0, b1, &d);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_available(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(have_kernel);
+}
+
+static PyMethodDef methods[] = {
+    {"conv2d_psg", py_psg, METH_VARARGS,
+     "conv2d_psg(x, g, out, b0, b1, (C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw)): per-sample weight gradients of samples b0..b1-1 (addresses of contiguous float32 tensors)"},
+    {"available", py_available, METH_NOARGS, "available() -> whether this machine runs the kernel (AVX2 and FMA)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_convpsg", "Per-sample conv2d weight gradients (see conv_psg.c).", -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__convpsg(void) {
+#ifdef HAVE_KERNEL_CODE
+    __builtin_cpu_init();
+    have_kernel = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return PyModule_Create(&module);
+}
