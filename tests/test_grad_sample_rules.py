@@ -657,27 +657,61 @@ needs_conv_kernel = pytest.mark.skipif(
     mode=st.sampled_from(["zeros", "reflect", "circular"]),
     bias=st.booleans(),
     spread=st.booleans(),
+    variant=st.sampled_from(["columns", "outputs"]),
     seed=st.integers(0, 1000),
 )
-def test_float32_conv2d_kernel_hypothesis(B, groups, cg, og, k, stride, dilation, padding, mode, bias, spread, seed):
-    """dpclip's per-sample conv2d kernel (float32) within 1e-5 relative of the float64 oracle:
+def test_float32_conv2d_kernel_hypothesis(B, groups, cg, og, k, stride, dilation, padding, mode, bias, spread, variant, seed):
+    """dpclip's per-sample conv2d kernels (float32) within 1e-5 relative of the float64 oracle:
     per-sample gradients, norms and clipped sums, over groups, outputs per group, kernel
     sizes, strides, dilations and paddings, with the batch in one call or in one share per
-    thread; the kernel is forced (every 2-D layer with 8+ outputs per group) and must be used."""
+    thread; each kernel variant is forced in turn and must be used."""
     if padding == "same":
         stride = (1, 1)
+    if variant == "outputs":
+        og = 8 * (1 + og // 10)  # a multiple of 8
     make = lambda: nn.Conv2d(groups * cg, groups * og, k, stride=stride, padding=padding,  # noqa: E731
                              dilation=dilation, groups=groups, bias=bias, padding_mode=mode)
     inputs = lambda: torch.randn((B, groups * cg, 13, 29), generator=torch.Generator().manual_seed(seed))  # noqa: E731
     calls = []
     kernel = rules_mod._conv_psg_kernel
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rules_mod, "_KERNEL_MIN_KW", 1)
-        mp.setattr(rules_mod, "_conv_psg_kernel", lambda *a: calls.append(1) or kernel(*a))
+        if variant == "columns":
+            mp.setattr(rules_mod, "_KERNEL_MIN_KW", 1)
+        else:
+            mp.setattr(rules_mod, "_KERNEL_MIN_KW", 10**9)
+            mp.setattr(rules_mod, "_KERNEL_MAX_CG", 10**9)
+        mp.setattr(rules_mod, "_conv_psg_kernel", lambda *a: calls.append(rules_mod._conv_kernel_takes(*a[:3])) or kernel(*a))
         if spread:
             mp.setattr(rules_mod, "_SPREAD_MIN", 0)
         _float32_check(make, inputs, mp, seed=seed)
-    assert calls
+    assert calls and set(calls) == {variant}
+
+
+@needs_conv_kernel
+def test_conv_ghost_branch_takes_per_sample_gradients_from_the_kernel():
+    """W2's 16->32 4x4 stride-2 layer in float32: the norm pass's per-sample gradients come from
+    the output-vectorised kernel (kept in the scratch), and norms and clipped sum match the
+    float64 oracle; no patches are formed."""
+    layer64 = randomise(nn.Conv2d(16, 32, 4, stride=2), seed=3)
+    layer32 = nn.Conv2d(16, 32, 4, stride=2)
+    layer32.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
+    x64 = randn(4, 16, 13, 13)
+    y = targets_for(layer64, x64, torch.Generator().manual_seed(1))
+    oracle = per_sample_grads_loop(layer64, sq_loss, x64, y)
+    a, g = capture(layer32, x64.float(), y.float())
+    assert rules_mod._conv_norm_path(layer32, a, g) == "ghost"
+    scratch = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rules_mod, "_conv_patches", None)  # forming patches would fail
+        sq = rules_mod._conv_sq(layer32, a, g, scratch)
+        scales = {n: torch.rand(4, generator=torch.Generator().manual_seed(2)) for n in ("weight", "bias")}
+        sums = rules_mod._conv_clipped(layer32, a, g, scales, scratch)
+    assert "psg_t" in scratch and "psg" not in scratch
+    for n in ("weight", "bias"):
+        want = oracle[n]
+        scale = want.abs().max().item()
+        torch.testing.assert_close(sq[n].double(), want.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5 * scale**2)
+        torch.testing.assert_close(sums[n].double(), torch.tensordot(scales[n].double(), want, dims=1), rtol=1e-5, atol=1e-5 * scale)
 
 
 @needs_conv_kernel
@@ -690,13 +724,14 @@ def test_conv2d_kernel_takes_the_layers_it_wins_on():
             y = layer.to(dtype)(x)
         return rules_mod._conv_kernel_takes(layer, x, torch.zeros_like(y))
 
-    assert takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28))
-    assert takes(nn.Conv2d(3, 32, 3, padding=1), (2, 3, 32, 32))
-    assert not takes(nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16))
-    assert not takes(nn.Conv2d(16, 16, 3, padding=1, groups=16), (2, 16, 8, 8))
-    assert not takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28), torch.float64)
-    assert not takes(nn.Conv1d(1, 16, 8), (2, 1, 28))
-    assert not takes(nn.Conv3d(1, 16, 3), (2, 1, 6, 6, 6))
+    assert takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28)) == "columns"
+    assert takes(nn.Conv2d(3, 32, 3, padding=1), (2, 3, 32, 32)) == "outputs"
+    assert takes(nn.Conv2d(3, 20, 3, padding=1), (2, 3, 32, 32)) == "columns"  # 20 outputs: not a multiple of 8
+    assert takes(nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16)) is None
+    assert takes(nn.Conv2d(16, 16, 3, padding=1, groups=16), (2, 16, 8, 8)) is None
+    assert takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28), torch.float64) is None
+    assert takes(nn.Conv1d(1, 16, 8), (2, 1, 28)) is None
+    assert takes(nn.Conv3d(1, 16, 3), (2, 1, 6, 6, 6)) is None
 
 
 @needs_conv_kernel

@@ -110,8 +110,104 @@ static void run(const float *x, const float *g, float *out, int64_t b0, int64_t 
         }
     }
 }
+/* The output-vectorised variant for narrow kernels and many outputs per group (Og a multiple
+ * of 8): per sample, g is transposed to [G, L, Og] in a scratch buffer; accumulators hold up
+ * to 4 kernel columns x 16 outputs over all output positions, and the result is written in
+ * the layout out_t[b, grp, c, ki, kj, og] (outputs innermost). */
+#define COLS_LOOP(NK)                                                                              \
+    for (int64_t y = 0; y < d->Ho; y++) {                                                          \
+        const float *row = xrow0 + d->sh * y * d->W;                                               \
+        const float *gy = gt + y * d->Wo * Og + o0;                                                \
+        for (int64_t x = 0; x < d->Wo; x++) {                                                      \
+            const float *base = row + d->sw * x;                                                   \
+            __m256 g0 = _mm256_loadu_ps(gy + x * Og);                                              \
+            __m256 g1 = two ? _mm256_loadu_ps(gy + x * Og + 8) : g0;                               \
+            __m256 v = _mm256_broadcast_ss(base);                                                  \
+            a00 = _mm256_fmadd_ps(v, g0, a00);                                                     \
+            a01 = _mm256_fmadd_ps(v, g1, a01);                                                     \
+            if (NK > 1) {                                                                          \
+                v = _mm256_broadcast_ss(base + d->dw);                                             \
+                a10 = _mm256_fmadd_ps(v, g0, a10);                                                 \
+                a11 = _mm256_fmadd_ps(v, g1, a11);                                                 \
+            }                                                                                      \
+            if (NK > 2) {                                                                          \
+                v = _mm256_broadcast_ss(base + 2 * d->dw);                                         \
+                a20 = _mm256_fmadd_ps(v, g0, a20);                                                 \
+                a21 = _mm256_fmadd_ps(v, g1, a21);                                                 \
+            }                                                                                      \
+            if (NK > 3) {                                                                          \
+                v = _mm256_broadcast_ss(base + 3 * d->dw);                                         \
+                a30 = _mm256_fmadd_ps(v, g0, a30);                                                 \
+                a31 = _mm256_fmadd_ps(v, g1, a31);                                                 \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+static void run_t(const float *x, const float *g, float *out, float *gt_all, int64_t b0, int64_t b1, const dims_t *d) {
+    const int64_t Cg = d->C / d->G, Og = d->O / d->G, L = d->Ho * d->Wo, HW = d->H * d->W;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + b * d->C * HW;
+        const float *gb = g + b * d->O * L;
+        float *ob = out + b * d->O * Cg * d->kh * d->kw;
+        for (int64_t grp = 0; grp < d->G; grp++) /* gt[grp][l][og] = g[b, grp Og + og, l] */
+            for (int64_t og = 0; og < Og; og++)
+                for (int64_t l = 0; l < L; l++) gt_all[(grp * L + l) * Og + og] = gb[(grp * Og + og) * L + l];
+        for (int64_t grp = 0; grp < d->G; grp++) {
+            const float *gt = gt_all + grp * L * Og;
+            for (int64_t c = 0; c < Cg; c++) {
+                const float *xc = xb + (grp * Cg + c) * HW;
+                for (int64_t ki = 0; ki < d->kh; ki++) {
+                    for (int64_t kj0 = 0; kj0 < d->kw; kj0 += 4) {
+                        const int64_t nk = d->kw - kj0 < 4 ? d->kw - kj0 : 4;
+                        const float *xrow0 = xc + d->dh * ki * d->W + d->dw * kj0;
+                        for (int64_t o0 = 0; o0 < Og; o0 += 16) {
+                            const int two = Og - o0 >= 16;
+                            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+                            __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                            switch (nk) {
+                                case 1: COLS_LOOP(1) break;
+                                case 2: COLS_LOOP(2) break;
+                                case 3: COLS_LOOP(3) break;
+                                default: COLS_LOOP(4) break;
+                            }
+                            /* out_t[b, grp, c, ki, kj, og] */
+                            float *dst = ob + (((grp * Cg + c) * d->kh + ki) * d->kw + kj0) * Og + o0;
+                            __m256 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+                            for (int64_t j = 0; j < nk; j++) {
+                                _mm256_storeu_ps(dst + j * Og, acc[j][0]);
+                                if (two) _mm256_storeu_ps(dst + j * Og + 8, acc[j][1]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+#undef COLS_LOOP
 #pragma GCC pop_options
 #endif
+
+/* shapes and addresses; -1 with a Python error set when they do not make sense */
+static int check(unsigned long long xa, unsigned long long ga, unsigned long long oa, long long b0, long long b1, const long long *v) {
+    if (!have_kernel) {
+        PyErr_SetString(PyExc_RuntimeError, "conv2d_psg: this machine has no AVX2/FMA kernel; check available() first");
+        return -1;
+    }
+    for (int i = 0; i < 13; i++) {
+        if (v[i] < (i == 0 || i == 3 || i == 6 ? 1 : 0) || v[i] > (1LL << 31)) {
+            PyErr_Format(PyExc_ValueError, "conv2d_psg: dimension %d out of range: %lld", i, v[i]);
+            return -1;
+        }
+    }
+    if (xa == 0 || ga == 0 || oa == 0 || b0 < 0 || b1 < b0 || v[0] % v[6] || v[3] % v[6] || v[9] < 1 || v[10] < 1 ||
+        v[11] < 1 || v[12] < 1 || v[1] < (v[7] - 1) * v[11] + 1 + (v[4] - 1) * v[9] ||
+        v[2] < (v[8] - 1) * v[12] + 1 + (v[5] - 1) * v[10]) {
+        PyErr_SetString(PyExc_ValueError, "conv2d_psg: inconsistent shapes (groups, strides, or an input too small for the output)");
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *py_psg(PyObject *self, PyObject *args) {
     unsigned long long xa, ga, oa;
@@ -120,27 +216,36 @@ static PyObject *py_psg(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, &b0, &b1, &v[0], &v[1], &v[2], &v[3], &v[4],
                           &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
         return NULL;
-    if (!have_kernel) {
-        PyErr_SetString(PyExc_RuntimeError, "conv2d_psg: this machine has no AVX2/FMA kernel; check available() first");
-        return NULL;
-    }
-    for (int i = 0; i < 13; i++) {
-        if (v[i] < (i == 0 || i == 3 || i == 6 ? 1 : 0) || v[i] > (1LL << 31)) {
-            PyErr_Format(PyExc_ValueError, "conv2d_psg: dimension %d out of range: %lld", i, v[i]);
-            return NULL;
-        }
-    }
-    if (xa == 0 || ga == 0 || oa == 0 || b0 < 0 || b1 < b0 || v[0] % v[6] || v[3] % v[6] || v[9] < 1 || v[10] < 1 ||
-        v[11] < 1 || v[12] < 1 || v[1] < (v[7] - 1) * v[11] + 1 + (v[4] - 1) * v[9] ||
-        v[2] < (v[8] - 1) * v[12] + 1 + (v[5] - 1) * v[10]) {
-        PyErr_SetString(PyExc_ValueError, "conv2d_psg: inconsistent shapes (groups, strides, or an input too small for the output)");
-        return NULL;
-    }
+    if (check(xa, ga, oa, b0, b1, v) < 0) return NULL;
 #ifdef HAVE_KERNEL_CODE
     dims_t d = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
     Py_BEGIN_ALLOW_THREADS
     run((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)oa, b0, b1, &d);
     Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_psg_t(PyObject *self, PyObject *args) {
+    unsigned long long xa, ga, oa;
+    long long b0, b1, v[13];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, &b0, &b1, &v[0], &v[1], &v[2], &v[3], &v[4],
+                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
+        return NULL;
+    if (check(xa, ga, oa, b0, b1, v) < 0) return NULL;
+    if ((v[3] / v[6]) % 8) {
+        PyErr_Format(PyExc_ValueError, "conv2d_psg_t: outputs per group must be a multiple of 8; got %lld", v[3] / v[6]);
+        return NULL;
+    }
+#ifdef HAVE_KERNEL_CODE
+    dims_t d = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
+    float *gt = PyMem_RawMalloc(sizeof(float) * (size_t)(v[3] * v[4] * v[5] + 1));
+    if (gt == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    run_t((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)oa, gt, b0, b1, &d);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(gt);
 #endif
     Py_RETURN_NONE;
 }
@@ -154,6 +259,8 @@ static PyObject *py_available(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"conv2d_psg", py_psg, METH_VARARGS,
      "conv2d_psg(x, g, out, b0, b1, (C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw)): per-sample weight gradients of samples b0..b1-1 (addresses of contiguous float32 tensors)"},
+    {"conv2d_psg_t", py_psg_t, METH_VARARGS,
+     "conv2d_psg_t(x, g, out_t, b0, b1, dims): as conv2d_psg, into out_t [B, G, C/G, kh, kw, O/G] (outputs innermost; O/G a multiple of 8)"},
     {"available", py_available, METH_NOARGS, "available() -> whether this machine runs the kernel (AVX2 and FMA)"},
     {NULL, NULL, 0, NULL},
 };

@@ -471,21 +471,15 @@ def _conv_psg_by_forward(module: nn.modules.conv._ConvNd, x, padding, g, out) ->
 _FORWARD_PSG_MAX_CG = {1: 1, 2: 3}  # spatial dims -> inputs per group up to which the forward path wins
 
 
-_KERNEL_MIN_KW = 6  # kernel widths from which dpclip's conv2d kernel fills enough of its 8 lanes
-_KERNEL_MAX_CG = 3  # ... or inputs per group up to which it wins with any width
+_KERNEL_MIN_KW = 6  # kernel widths from which the column-vectorised kernel fills enough of its 8 lanes
+_KERNEL_MAX_CG = 3  # inputs per group up to which the output-vectorised kernel beats torch's paths
 
 
-def _conv_kernel_takes(module: nn.modules.conv._ConvNd, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
-    """dpclip's per-sample conv2d kernel (:func:`_conv_psg_kernel`) runs this layer: a 2-D conv
-    on CPU in float32 on a machine with AVX2, with a kernel at least :data:`_KERNEL_MIN_KW` wide
-    or at most :data:`_KERNEL_MAX_CG` inputs per group, and at least 8 outputs per group. Measured against torch's paths (2
-    threads, B = 256): W2's 1->16 8x8 layer 2.33 -> 0.94 ms, W3's 3->32 3x3 layer 11.6 -> 9.2
-    ms; W3's wider 3x3 layers were 1.1-2.5x slower (3 of the 8 lanes used, docs/design.md E20)."""
+def _conv_kernel_ok(module: nn.modules.conv._ConvNd, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
+    """dpclip's per-sample conv2d kernels can run this layer: 2-D, CPU, float32, AVX2."""
     return (
         _convpsg is not None
         and len(module.kernel_size) == 2
-        and (module.kernel_size[1] >= _KERNEL_MIN_KW or activations.shape[1] // module.groups <= _KERNEL_MAX_CG)
-        and backprops.shape[1] // module.groups >= 8  # its blocks of 8 outputs (a depthwise conv: the forward path)
         and activations.device.type == "cpu"
         and activations.dtype == torch.float32
         and backprops.dtype == torch.float32
@@ -493,25 +487,71 @@ def _conv_kernel_takes(module: nn.modules.conv._ConvNd, activations: torch.Tenso
     )
 
 
-def _conv_psg_kernel(module: nn.modules.conv._ConvNd, activations, backprops, out: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients of a 2-D conv from dpclip's kernel (dpclip/_csrc/conv_psg.c,
-    docs/design.md E20): per sample, the padded input stays in cache and 8 outputs x 8 kernel
-    columns accumulate in registers over all output positions; no patches, no B-sized
-    temporary but the padded input. The samples are split in one share per thread.
+def _conv_kernel_takes(module: nn.modules.conv._ConvNd, activations: torch.Tensor, backprops: torch.Tensor) -> str | None:
+    """Which of dpclip's per-sample conv2d kernels :func:`_conv_weight_psg` uses, or None for
+    torch's paths: ``"columns"`` (8 kernel columns x 8 outputs per register block) for kernels at
+    least :data:`_KERNEL_MIN_KW` wide with 8+ outputs per group; ``"outputs"`` (4 kernel
+    columns x 16 outputs) for at most :data:`_KERNEL_MAX_CG` inputs per group and outputs per
+    group a multiple of 8. Measured against torch's paths (2 threads, B = 256): W2's 1->16 8x8
+    layer 2.33 -> 0.94 ms, W3's 3->32 3x3 layer 11.3 -> 7.5 ms; W3's 32->64 3x3 layer was no
+    faster (docs/design.md E20), and a depthwise conv (1 output per group) is faster on
+    torch's forward path."""
+    if not _conv_kernel_ok(module, activations, backprops):
+        return None
+    cg = activations.shape[1] // module.groups
+    og = backprops.shape[1] // module.groups
+    if cg <= _KERNEL_MAX_CG and og % 8 == 0 and module.kernel_size[1] < _KERNEL_MIN_KW:
+        return "outputs"
+    if og >= 8 and (module.kernel_size[1] >= _KERNEL_MIN_KW or cg <= _KERNEL_MAX_CG):
+        return "columns"
+    return None
 
-    Shapes: ``activations [B, C, H, W]``, ``backprops [B, O, Ho, Wo]`` (float32); fills and
-    returns ``out [B, O, C/G, kh, kw]`` (contiguous float32)."""
+
+def _conv_kernel_run(fn, module: nn.modules.conv._ConvNd, activations, backprops, out: torch.Tensor) -> torch.Tensor:
+    """Run ``fn`` (``_convpsg.conv2d_psg`` or ``conv2d_psg_t``) over the batch, one share of
+    samples per thread, on the padded input; fills and returns ``out``."""
     x = _conv_padded(module, activations).contiguous()
     g = backprops.contiguous()
     B, C, H, W = x.shape
     O, Ho, Wo = g.shape[1:]
     dims = (C, H, W, O, Ho, Wo, module.groups, *module.kernel_size, *module.stride, *module.dilation)
-    run = lambda lo, hi: _convpsg.conv2d_psg(x.data_ptr(), g.data_ptr(), out.data_ptr(), lo, hi, dims)  # noqa: E731
+    run = lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), lo, hi, dims)  # noqa: E731
     if B * x[0].numel() < _SPREAD_MIN:
         run(0, B)
     else:
         in_shares(run, B)
     return out
+
+
+def _conv_psg_kernel(module: nn.modules.conv._ConvNd, activations, backprops, out: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients of a 2-D conv from dpclip's kernels (dpclip/_csrc/conv_psg.c,
+    docs/design.md E20): per sample the padded input stays in cache and a block of outputs x
+    kernel columns accumulates in registers over all output positions; no patches.
+
+    Shapes: ``activations [B, C, H, W]``, ``backprops [B, O, Ho, Wo]`` (float32); fills and
+    returns ``out [B, O, C/G, kh, kw]`` (contiguous float32)."""
+    if _conv_kernel_takes(module, activations, backprops) == "outputs":
+        t = _conv_psg_t(module, activations, backprops)  # [B, G, Cg, kh, kw, Og]
+        B, G, Og = t.shape[0], t.shape[1], t.shape[-1]
+        out.view(B, G, Og, *t.shape[2:5]).copy_(t.permute(0, 1, 5, 2, 3, 4))
+        return out
+    return _conv_kernel_run(_convpsg.conv2d_psg, module, activations, backprops, out)
+
+
+def _conv_psg_t(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
+    """Per-sample weight gradients with the outputs innermost, ``[B, G, C/G, kh, kw, O/G]``
+    (float32; ``O/G`` a multiple of 8), from the output-vectorised kernel."""
+    B, C = activations.shape[0], activations.shape[1]
+    O, G = backprops.shape[1], module.groups
+    out = activations.new_empty((B, G, C // G, *module.kernel_size, O // G))
+    return _conv_kernel_run(_convpsg.conv2d_psg_t, module, activations, backprops, out)
+
+
+def _conv_sum_from_psg_t(module: nn.modules.conv._ConvNd, scale: torch.Tensor, psg_t: torch.Tensor) -> torch.Tensor:
+    """``sum_i scale_i psg_i`` in ``weight``'s shape, for ``psg_t [B, G, Cg, kh, kw, Og]``."""
+    total = _weighted_sum(scale.to(psg_t.dtype), psg_t)  # [G, Cg, kh, kw, Og]
+    G, Og = total.shape[0], total.shape[-1]
+    return total.permute(0, 4, 1, 2, 3).reshape(G * Og, *total.shape[1:4]).to(module.weight.dtype)
 
 
 def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
@@ -750,8 +790,13 @@ def _conv_sq(module, activations, backprops, scratch: dict | None = None) -> Gra
                 # kept patches would cost anyway) instead of the ghost norm's L^2 (d + p); the
                 # clipped sum is then a weighted sum of them (W2's 16->32 layer: norm and sum
                 # 4.1 -> 2.7 ms; docs/design.md E18)
-                psg = _conv_psg_from_patches(module, activations, backprops)
-                scratch["psg"] = psg
+                if B and _conv_kernel_ok(module, activations, backprops) and p % 8 == 0:
+                    # dpclip's kernel, outputs innermost: no patches (W2's 16->32 layer 3.3 -> 1.0 ms; E20)
+                    psg = _conv_psg_t(module, activations, backprops)
+                    scratch["psg_t"] = psg
+                else:
+                    psg = _conv_psg_from_patches(module, activations, backprops)
+                    scratch["psg"] = psg
                 out["weight"] = _sq(psg.view(B, -1)) if B else activations.new_zeros(0)
             else:
                 # keep the patches for the clipped sum while they are at most twice the captures;
@@ -778,7 +823,11 @@ def _conv_clipped(module, activations, backprops, scales, scratch: dict | None =
     out: Grads = {}
     kept = scratch.get("patches") if scratch is not None else None
     psg = scratch.get("psg") if scratch is not None else None
-    if _trainable(module, "weight") and psg is not None:
+    psg_t = scratch.get("psg_t") if scratch is not None else None
+    if _trainable(module, "weight") and psg_t is not None:
+        # the norm pass's per-sample gradients from dpclip's kernel, outputs innermost
+        out["weight"] = _conv_sum_from_psg_t(module, _scale(scales, "weight", psg_t), psg_t)
+    elif _trainable(module, "weight") and psg is not None:
         # the norm pass's per-sample gradients
         out["weight"] = _conv_sum_from_psg(module, _scale(scales, "weight", psg), psg)
     elif _trainable(module, "weight") and kept:
