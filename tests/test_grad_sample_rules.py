@@ -781,6 +781,66 @@ def test_float32_embedding_hypothesis(B, T, V, D, pad, freq, ghost, seed):
         _float32_check(make, inputs, mp, ghost=ghost, seed=seed)
 
 
+needs_norm_kernel = pytest.mark.skipif(rules_mod._normpsg is None, reason="dpclip's norm kernel is not built")
+
+
+@needs_norm_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 5),
+    kind=st.sampled_from(["group", "instance", "layer", "rms"]),
+    C=st.sampled_from([2, 4, 6]),
+    spatial=st.sampled_from([(), (5,), (3, 4), (2, 2, 3)]),
+    affine=st.sampled_from(["both", "weight", "bias"]),
+    offset=st.sampled_from([0.0, 3.0]),  # inputs far from zero mean: the centred sums must not cancel
+    spread=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_float32_norm_kernel_hypothesis(B, kind, C, spatial, affine, offset, spread, seed):
+    """dpclip's norm-layer kernel (float32) within 1e-5 relative of the float64 oracle for
+    GroupNorm, InstanceNorm, LayerNorm (one or two normalised dims) and RMSNorm, with the
+    weight, the bias or both trainable, inputs with a large mean, and the batch in one call or
+    one share per thread; the kernel must be used."""
+    if kind == "rms":
+        affine = "both"  # RMSNorm has a weight only
+    if kind in ("group", "instance") and not spatial:
+        spatial = (5,)
+    if kind == "instance" and len(spatial) > 3:
+        spatial = spatial[:3]
+    if kind == "group":
+        make = lambda: nn.GroupNorm(2, C)  # noqa: E731
+    elif kind == "instance":
+        cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[len(spatial)]
+        make = lambda: cls(C, affine=True)  # noqa: E731
+    elif kind == "layer":
+        shape = (C,) if len(spatial) < 2 else (spatial[-1], C)
+        make = lambda: nn.LayerNorm(shape)  # noqa: E731
+    else:
+        make = lambda: nn.RMSNorm(C)  # noqa: E731
+    if kind == "layer" and len(spatial) >= 2:
+        x_shape = (B, *spatial[:-1], spatial[-1], C)
+    elif kind in ("layer", "rms"):
+        x_shape = (B, *spatial, C)
+    else:
+        x_shape = (B, C, *spatial)
+
+    def made():
+        layer = make()
+        if affine != "both":
+            getattr(layer, "bias" if affine == "weight" else "weight").requires_grad_(False)
+        return layer
+
+    inputs = lambda: torch.randn(x_shape, generator=torch.Generator().manual_seed(seed)) + offset  # noqa: E731
+    calls = []
+    takes = rules_mod._norm_kernel_takes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rules_mod, "_norm_kernel_takes", lambda *a: bool(calls.append(takes(*a))) or takes(*a))
+        if spread:
+            mp.setattr(rules_mod, "_SPREAD_MIN", 0)
+        _float32_check(made, inputs, mp, seed=seed)
+    assert calls and all(calls)
+
+
 @pytest.mark.parametrize(
     "make,shape,want",
     [

@@ -49,6 +49,10 @@ try:  # the per-sample conv2d kernel (dpclip/_csrc/conv_psg.c); absent without a
     from .. import _convpsg
 except ImportError:  # pragma: no cover - depends on the build
     _convpsg = None
+try:  # the norm-layer kernel (dpclip/_csrc/norm_psg.c); absent without a C compiler
+    from .. import _normpsg
+except ImportError:  # pragma: no cover - depends on the build
+    _normpsg = None
 
 __all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
 
@@ -1036,10 +1040,89 @@ def _in_chunks(per_sample: Callable[[nn.Module, torch.Tensor, torch.Tensor], Gra
     return run
 
 
-LAYER_NORM_RULE = _materialised_rule(_in_chunks(_layer_norm_psg))
-GROUP_NORM_RULE = _materialised_rule(_in_chunks(_group_norm_psg))
-INSTANCE_NORM_RULE = _materialised_rule(_in_chunks(_instance_norm_psg), check=_instance_norm_check)
-RMS_NORM_RULE = _materialised_rule(_in_chunks(_rms_norm_psg))
+def _norm_kernel_takes(module: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
+    """dpclip's norm-layer kernel (dpclip/_csrc/norm_psg.c) runs this call: CPU, float32 inputs,
+    output gradients and affine parameters."""
+    weight = getattr(module, "weight", None)
+    return (
+        _normpsg is not None
+        and activations.device.type == "cpu"
+        and activations.dtype == torch.float32
+        and backprops.dtype == torch.float32
+        and (not isinstance(weight, torch.Tensor) or weight.dtype == torch.float32)
+    )
+
+
+def _norm_kernel_run(fn, module: nn.Module, activations, backprops, width: int, *args) -> Grads:
+    """Per-sample affine gradients ``{weight, bias: [B, width]}`` from ``fn``
+    (``_normpsg.group`` or ``rows``), one share of samples per thread."""
+    x, g = activations.contiguous(), backprops.contiguous()
+    B = x.shape[0]
+    want = {n: x.new_empty((B, width)) for n in ("weight", "bias") if _trainable(module, n)}
+    w, b = want.get("weight"), want.get("bias")
+    run = lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), 0 if w is None else w.data_ptr(),  # noqa: E731
+                            0 if b is None else b.data_ptr(), lo, hi, *args)
+    if not want or B == 0:
+        return want
+    if x.numel() < _SPREAD_MIN:
+        run(0, B)
+    else:
+        in_shares(run, B)
+    return want
+
+
+def _group_norm_kernel(module: nn.GroupNorm, activations, backprops) -> Grads:
+    """GroupNorm's per-sample ``weight``/``bias`` gradients ``[B, C]`` from the norm kernel:
+    statistics per sample and group, then ``sum_s g (x - mean) rstd`` and ``sum_s g`` per
+    channel in one pass, double accumulators (docs/design.md E21)."""
+    C = activations.shape[1]
+    S = math.prod(activations.shape[2:])
+    return _norm_kernel_run(_normpsg.group, module, activations, backprops, C, C, S, module.num_groups, float(module.eps))
+
+
+def _instance_norm_kernel(module, activations, backprops) -> Grads:
+    """InstanceNorm: GroupNorm with one channel per group."""
+    _instance_norm_check(module)
+    C = activations.shape[1]
+    S = math.prod(activations.shape[2:])
+    return _norm_kernel_run(_normpsg.group, module, activations, backprops, C, C, S, C, float(module.eps))
+
+
+def _rows_norm_kernel(module, activations, backprops, rms: bool) -> Grads:
+    """LayerNorm (``rms=False``) and RMSNorm: per-sample gradients ``[B, *normalized_shape]``,
+    statistics per row of the normalised dims, sums over the other dims."""
+    shape = tuple(module.normalized_shape)
+    D = math.prod(shape)
+    B = activations.shape[0]
+    T = activations.numel() // max(1, B * D)
+    eps = module.eps
+    if eps is None:  # RMSNorm's default, as torch's kernel takes it
+        eps = torch.finfo(activations.dtype).eps
+    out = _norm_kernel_run(_normpsg.rows, module, activations, backprops, D, T, D, float(eps), rms)
+    return {n: v.view(B, *shape) for n, v in out.items()}
+
+
+def _kernel_or(kernel: Callable[..., Grads], fallback: Callable[[nn.Module, torch.Tensor, torch.Tensor], Grads]):
+    """``kernel`` where :func:`_norm_kernel_takes`, else ``fallback`` (torch's ops in chunks)."""
+
+    def run(module, activations, backprops):
+        if _norm_kernel_takes(module, activations, backprops):
+            return kernel(module, activations, backprops)
+        return fallback(module, activations, backprops)
+
+    return run
+
+
+LAYER_NORM_RULE = _materialised_rule(
+    _kernel_or(lambda m, a, g: _rows_norm_kernel(m, a, g, False), _in_chunks(_layer_norm_psg))
+)
+GROUP_NORM_RULE = _materialised_rule(_kernel_or(_group_norm_kernel, _in_chunks(_group_norm_psg)))
+INSTANCE_NORM_RULE = _materialised_rule(
+    _kernel_or(_instance_norm_kernel, _in_chunks(_instance_norm_psg)), check=_instance_norm_check
+)
+RMS_NORM_RULE = _materialised_rule(
+    _kernel_or(lambda m, a, g: _rows_norm_kernel(m, a, g, True), _in_chunks(_rms_norm_psg))
+)
 
 
 # --------------------------------------------------------------------------- registry
