@@ -21,6 +21,10 @@
 
 static int have_kernel = 0;
 
+typedef struct {
+    int64_t C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw;
+} dims_t;
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define HAVE_KERNEL_CODE 1
@@ -28,9 +32,11 @@ static int have_kernel = 0;
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-typedef struct {
-    int64_t C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw;
-} dims_t;
+/* up to 8 kernel columns of one input row: a masked load, or a gather for dilated columns */
+static inline __m256 load_cols(const float *base, __m256i mask, __m256i idx, int contiguous) {
+    return contiguous ? _mm256_maskload_ps(base, mask)
+                      : _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask), 4);
+}
 
 /* one (sample, group, input channel, kernel row, 8 kernel columns) and a block of 8 outputs */
 static inline void block8(const float *xrow0, const float *gb, float *dst, const dims_t *d, int64_t L,
@@ -40,9 +46,7 @@ static inline void block8(const float *xrow0, const float *gb, float *dst, const
         const float *row = xrow0 + d->sh * y * d->W;
         const float *gy = gb + y * d->Wo;
         for (int64_t x = 0; x < d->Wo; x++) {
-            const float *base = row + d->sw * x;
-            __m256 v = contiguous ? _mm256_maskload_ps(base, mask)
-                                  : _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask), 4);
+            __m256 v = load_cols(row + d->sw * x, mask, idx, contiguous);
             const float *gp = gy + x;
             a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp), v, a0);
             a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + L), v, a1);
@@ -73,9 +77,7 @@ static inline void block1(const float *xrow0, const float *gb, float *dst, const
         const float *row = xrow0 + d->sh * y * d->W;
         const float *gy = gb + y * d->Wo;
         for (int64_t x = 0; x < d->Wo; x++) {
-            const float *base = row + d->sw * x;
-            __m256 v = contiguous ? _mm256_maskload_ps(base, mask)
-                                  : _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask), 4);
+            __m256 v = load_cols(row + d->sw * x, mask, idx, contiguous);
             a = _mm256_fmadd_ps(_mm256_broadcast_ss(gy + x), v, a);
         }
     }
@@ -188,8 +190,14 @@ static void run_t(const float *x, const float *g, float *out, float *gt_all, int
 #pragma GCC pop_options
 #endif
 
-/* shapes and addresses; -1 with a Python error set when they do not make sense */
-static int check(unsigned long long xa, unsigned long long ga, unsigned long long oa, long long b0, long long b1, const long long *v) {
+/* Parse (x, g, out, b0, b1, dims) and check the shapes; -1 with a Python error set when they do
+ * not make sense. */
+static int parse(PyObject *args, uintptr_t addr[3], long long *b0, long long *b1, dims_t *d) {
+    unsigned long long xa, ga, oa;
+    long long v[13];
+    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, b0, b1, &v[0], &v[1], &v[2], &v[3], &v[4],
+                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
+        return -1;
     if (!have_kernel) {
         PyErr_SetString(PyExc_RuntimeError, "conv2d_psg: this machine has no AVX2/FMA kernel; check available() first");
         return -1;
@@ -200,50 +208,48 @@ static int check(unsigned long long xa, unsigned long long ga, unsigned long lon
             return -1;
         }
     }
-    if (xa == 0 || ga == 0 || oa == 0 || b0 < 0 || b1 < b0 || v[0] % v[6] || v[3] % v[6] || v[9] < 1 || v[10] < 1 ||
+    if (xa == 0 || ga == 0 || oa == 0 || *b0 < 0 || *b1 < *b0 || v[0] % v[6] || v[3] % v[6] || v[9] < 1 || v[10] < 1 ||
         v[11] < 1 || v[12] < 1 || v[1] < (v[7] - 1) * v[11] + 1 + (v[4] - 1) * v[9] ||
         v[2] < (v[8] - 1) * v[12] + 1 + (v[5] - 1) * v[10]) {
         PyErr_SetString(PyExc_ValueError, "conv2d_psg: inconsistent shapes (groups, strides, or an input too small for the output)");
         return -1;
     }
+    addr[0] = (uintptr_t)xa;
+    addr[1] = (uintptr_t)ga;
+    addr[2] = (uintptr_t)oa;
+    *d = (dims_t){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
     return 0;
 }
 
 static PyObject *py_psg(PyObject *self, PyObject *args) {
-    unsigned long long xa, ga, oa;
-    long long b0, b1, v[13];
+    uintptr_t addr[3];
+    long long b0, b1;
+    dims_t d;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, &b0, &b1, &v[0], &v[1], &v[2], &v[3], &v[4],
-                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
-        return NULL;
-    if (check(xa, ga, oa, b0, b1, v) < 0) return NULL;
+    if (parse(args, addr, &b0, &b1, &d) < 0) return NULL;
 #ifdef HAVE_KERNEL_CODE
-    dims_t d = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
     Py_BEGIN_ALLOW_THREADS
-    run((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)oa, b0, b1, &d);
+    run((const float *)addr[0], (const float *)addr[1], (float *)addr[2], b0, b1, &d);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;
 }
 
 static PyObject *py_psg_t(PyObject *self, PyObject *args) {
-    unsigned long long xa, ga, oa;
-    long long b0, b1, v[13];
+    uintptr_t addr[3];
+    long long b0, b1;
+    dims_t d;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, &b0, &b1, &v[0], &v[1], &v[2], &v[3], &v[4],
-                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
-        return NULL;
-    if (check(xa, ga, oa, b0, b1, v) < 0) return NULL;
-    if ((v[3] / v[6]) % 8) {
-        PyErr_Format(PyExc_ValueError, "conv2d_psg_t: outputs per group must be a multiple of 8; got %lld", v[3] / v[6]);
+    if (parse(args, addr, &b0, &b1, &d) < 0) return NULL;
+    if ((d.O / d.G) % 8) {
+        PyErr_Format(PyExc_ValueError, "conv2d_psg_t: outputs per group must be a multiple of 8; got %lld", (long long)(d.O / d.G));
         return NULL;
     }
 #ifdef HAVE_KERNEL_CODE
-    dims_t d = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12]};
-    float *gt = PyMem_RawMalloc(sizeof(float) * (size_t)(v[3] * v[4] * v[5] + 1));
+    float *gt = PyMem_RawMalloc(sizeof(float) * (size_t)(d.O * d.Ho * d.Wo + 1));
     if (gt == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    run_t((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)oa, gt, b0, b1, &d);
+    run_t((const float *)addr[0], (const float *)addr[1], (float *)addr[2], gt, b0, b1, &d);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(gt);
 #endif
