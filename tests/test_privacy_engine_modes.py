@@ -181,6 +181,65 @@ def test_each_per_sample_mode_matches_the_oracle(model_kind, clipping):
             assert engine.max_grad_norm == pytest.approx(tuple(bounds), rel=1e-12)
 
 
+class KernelPaths(nn.Module):
+    """The layers dpclip's C kernels take in float32 (docs/design.md E20, E21): a W2-like
+    1->16 8x8 stride-2 conv (column kernel), GroupNorm, a 16->32 4x4 stride-2 conv (output
+    kernel in the ghost branch), an RGB-like 3->16 3x3 conv (output kernel), LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 8, stride=2, padding=3)
+        self.gn = nn.GroupNorm(4, 16)
+        self.c2 = nn.Conv2d(16, 32, 4, stride=2)
+        self.rgb = nn.Conv2d(3, 16, 3, padding=1)
+        self.ln = nn.LayerNorm(16)
+        self.fc = nn.Linear(32 + 16, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.tanh(self.gn(self.c1(x[:, :1]))), 2, 1)  # [B, 16, 13, 13]
+        a = torch.tanh(self.c2(h)).mean((2, 3))  # [B, 32]
+        b = self.ln(torch.tanh(self.rgb(x[:, :3])).mean((2, 3)))  # [B, 16]
+        return self.fc(torch.cat([a, b], 1))
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_float32_kernels_through_make_private_match_the_float64_oracle(clipping, monkeypatch):
+    """make_private in float32 on a model whose layers take the conv and norm kernels (each
+    kernel must be used) gives the float64 oracle's clipped sum within float32 rounding."""
+    from dpclip.grad_sample import rules as rules_mod
+
+    if rules_mod._convpsg is None or not rules_mod._convpsg.available() or rules_mod._normpsg is None:
+        pytest.skip("dpclip's kernels are not built or this CPU has no AVX2")
+    used = {"conv": set(), "conv_t": 0, "norm": 0}
+    run, psg_t, norm_run = rules_mod._conv_kernel_run, rules_mod._conv_psg_t, rules_mod._norm_kernel_run
+    monkeypatch.setattr(rules_mod, "_conv_kernel_run", lambda fn, *a: used["conv"].add(fn.__name__) or run(fn, *a))
+    monkeypatch.setattr(rules_mod, "_conv_psg_t", lambda *a: used.__setitem__("conv_t", used["conv_t"] + 1) or psg_t(*a))
+    monkeypatch.setattr(rules_mod, "_norm_kernel_run", lambda *a: used.__setitem__("norm", used["norm"] + 1) or norm_run(*a))
+    torch.manual_seed(0)
+    model = KernelPaths()
+    reference = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, 28, 28, generator=g)
+    y = torch.randint(0, 3, (N,), generator=g)
+    C = 0.5
+    L = len(_layer_groups(model))
+    bounds = [C] if clipping == "flat" else [C / math.sqrt(L)] * L
+    engine = PrivacyEngine()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(x, y), batch_size=N), noise_multiplier=0.0,
+        max_grad_norm=C, clipping=clipping, generator=torch.Generator().manual_seed(0),
+    )
+    want, _ = _oracle(reference, x.double(), y, clipping, bounds, float(N))
+    got = _run_step(model, opt, loader)
+    for n in want:
+        scale = want[n].abs().max().item()
+        # the float32 forward and backward themselves are off by up to 3.5e-5 of the largest
+        # entry here (gn.weight), with torch's norm path as with the kernel
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-4 * scale, msg=n)
+    assert used["conv"] >= {"conv2d_psg", "conv2d_psg_t"} and used["conv_t"] >= 2 and used["norm"] >= 2
+
+
 @pytest.mark.parametrize("model_kind", list(MODELS) + ["cnn_bn"])
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_batch_clipping_matches_autograd_on_each_micro_batch(model_kind, per_layer):
