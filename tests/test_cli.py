@@ -310,3 +310,16 @@ def test_python_m_dpclip_without_torch():
     bad = subprocess.run([sys.executable, "-m", "dpclip", "budget", "epsilon", "--delta", "2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_train_prefers_passive_openmp_only_when_nothing_was_chosen():
+    """dpclip train sets OMP_WAIT_POLICY=passive in its own process, unless the user set a
+    policy or torch is already loaded (then the OpenMP runtime has read it already)."""
+    from dpclip.cli import _prefer_passive_openmp
+
+    env: dict[str, str] = {}
+    assert _prefer_passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "passive"}
+    env = {"OMP_WAIT_POLICY": "active"}
+    assert not _prefer_passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "active"}
+    env = {}
+    assert not _prefer_passive_openmp(env, {"torch": object()}) and env == {}
