@@ -66,6 +66,8 @@ def reference_normals(key: int, batches: range, is_f64: bool) -> np.ndarray:
 
 def isas() -> list[str]:
     names = ["generic"]
+    if gauss is None:  # collected without the kernel: every test here is skipped
+        return names
     for name in ("avx2", "best"):
         try:
             got = gauss.set_isa(name)
