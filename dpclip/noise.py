@@ -191,9 +191,10 @@ class GaussianNoise:
         would return (the same draws in the same order, and ``x + n == n + x`` in floating
         point). Returns ``sums``. Without noise nothing is touched.
 
-        On CPU the draw goes piece by piece into a small buffer per thread and from there into
-        the sums (:func:`add_normal_`): no buffer the size of the model is allocated,
-        page-faulted and freed per step, and none is kept (docs/design.md P10).
+        On CPU the noise kernel adds its numbers straight into the sums, or, without it, each
+        thread draws torch's pieces into a small buffer and adds them from there
+        (:func:`add_normal_`): no buffer the size of the model is allocated, page-faulted and
+        freed per step, and none is kept (docs/design.md P10, P11).
 
         Raises: as :meth:`add`.
         """

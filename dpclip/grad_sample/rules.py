@@ -433,6 +433,16 @@ def _spread(chunk: int, batch: int, device: torch.device, numbers: int) -> int:
     return max(1, min(chunk, -(-batch // max(1, threads))))
 
 
+def _over_batch(run: Callable[[int, int], object], batch: int, numbers: int) -> None:
+    """``run(lo, hi)`` over the samples of a C kernel's call: one share per thread
+    (:func:`in_shares`; the kernels release the GIL), or one call on the caller when its
+    input (``numbers``) is below :data:`_SPREAD_MIN`."""
+    if numbers < _SPREAD_MIN:
+        run(0, batch)
+    else:
+        in_shares(run, batch)
+
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -519,22 +529,19 @@ def _conv_kernel_run(fn, module: nn.modules.conv._ConvNd, activations, backprops
     B, C, H, W = x.shape
     O, Ho, Wo = g.shape[1:]
     dims = (C, H, W, O, Ho, Wo, module.groups, *module.kernel_size, *module.stride, *module.dilation)
-    run = lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), lo, hi, dims)  # noqa: E731
-    if B * x[0].numel() < _SPREAD_MIN:
-        run(0, B)
-    else:
-        in_shares(run, B)
+    _over_batch(lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), lo, hi, dims), B, x.numel())
     return out
 
 
-def _conv_psg_kernel(module: nn.modules.conv._ConvNd, activations, backprops, out: torch.Tensor) -> torch.Tensor:
+def _conv_psg_kernel(module: nn.modules.conv._ConvNd, activations, backprops, out: torch.Tensor, variant: str) -> torch.Tensor:
     """Per-sample weight gradients of a 2-D conv from dpclip's kernels (dpclip/_csrc/conv_psg.c,
     docs/design.md E20): per sample the padded input stays in cache and a block of outputs x
     kernel columns accumulates in registers over all output positions; no patches.
 
     Shapes: ``activations [B, C, H, W]``, ``backprops [B, O, Ho, Wo]`` (float32); fills and
-    returns ``out [B, O, C/G, kh, kw]`` (contiguous float32)."""
-    if _conv_kernel_takes(module, activations, backprops) == "outputs":
+    returns ``out [B, O, C/G, kh, kw]`` (contiguous float32). ``variant``: what
+    :func:`_conv_kernel_takes` chose."""
+    if variant == "outputs":
         t = _conv_psg_t(module, activations, backprops)  # [B, G, Cg, kh, kw, Og]
         B, G, Og = t.shape[0], t.shape[1], t.shape[-1]
         out.view(B, G, Og, *t.shape[2:5]).copy_(t.permute(0, 1, 5, 2, 3, 4))
@@ -575,8 +582,9 @@ def _conv_weight_psg(module: nn.modules.conv._ConvNd, activations, backprops) ->
     out = activations.new_empty((B, *module.weight.shape))
     if B == 0:
         return out
-    if _conv_kernel_takes(module, activations, backprops):
-        return _conv_psg_kernel(module, activations, backprops, out)
+    variant = _conv_kernel_takes(module, activations, backprops)
+    if variant:
+        return _conv_psg_kernel(module, activations, backprops, out, variant)
     x, padding = _conv_input(module, activations)
     g = backprops.to(x.dtype)
     C, O, G = x.shape[1], g.shape[1], module.groups
@@ -1059,15 +1067,11 @@ def _norm_kernel_run(fn, module: nn.Module, activations, backprops, width: int, 
     x, g = activations.contiguous(), backprops.contiguous()
     B = x.shape[0]
     want = {n: x.new_empty((B, width)) for n in ("weight", "bias") if _trainable(module, n)}
-    w, b = want.get("weight"), want.get("bias")
-    run = lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), 0 if w is None else w.data_ptr(),  # noqa: E731
-                            0 if b is None else b.data_ptr(), lo, hi, *args)
     if not want or B == 0:
         return want
-    if x.numel() < _SPREAD_MIN:
-        run(0, B)
-    else:
-        in_shares(run, B)
+    w, b = want.get("weight"), want.get("bias")
+    _over_batch(lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), 0 if w is None else w.data_ptr(),
+                                  0 if b is None else b.data_ptr(), lo, hi, *args), B, x.numel())
     return want
 
 
