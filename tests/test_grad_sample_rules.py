@@ -155,6 +155,8 @@ LINEAR_CASES = [
     ((1,), 3, 2, True),  # B = 1
     ((0,), 3, 2, True),  # B = 0
     ((4, 6), 3, 2, True),  # sequence
+    ((4, 6), 2, 5, True),  # sequence, d <= p: the bias's sum shares the weight's GEMM
+    ((0, 6), 2, 5, True),  # the same with B = 0
     ((3, 2, 5), 4, 3, True),  # two position dims
     ((2, 7), 1, 1, False),
 ]

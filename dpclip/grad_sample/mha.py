@@ -196,15 +196,17 @@ def sq_norms(module: nn.Module, pieces: list[Piece], wanted: set[str]) -> dict[s
     bias_sums: dict[str, list] = {}
     for pc in pieces:
         a, g = _rules._linear_flat(pc.a, pc.g)
+        bias = pc.bias is not None and pc.bias in wanted
+        bias_sq = None
         if pc.weight in wanted:
             T, d, p = a.shape[1], a.shape[2], g.shape[2]
             if _rules.use_ghost(T, d, p):
-                sq = _rules._ghost_sq(a, g)
+                sq, bias_sq = _rules._ghost_sq_and_bias(a, g, bias)
             else:
                 sq = _rules._sq(torch.bmm(g.transpose(1, 2), a))
             out[pc.weight] = out[pc.weight] + sq if pc.weight in out else sq
-        if pc.bias is not None and pc.bias in wanted:
-            sq = _rules._sq(g.sum(1))
+        if bias:
+            sq = bias_sq if bias_sq is not None else _rules._sq(g.sum(1))
             out[pc.bias] = out[pc.bias] + sq if pc.bias in out else sq
     return out
 
