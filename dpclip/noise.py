@@ -243,35 +243,18 @@ def _kernel_draw(dests: list[torch.Tensor], std: float, generator: torch.Generat
     The stream is Philox4x32-10 (Salmon et al. 2011) through the Box-Muller transform, layout in
     dpclip/_csrc/gauss.c. Number ``i`` is a function of ``(key, i)`` alone, so the threads each
     take a contiguous share of whole batches and the values do not depend on the thread count.
+    Above :data:`KERNEL_SPLIT` numbers the kernel splits the draw over
+    ``torch.get_num_threads()`` threads of its own, started for the call (design P12).
     """
-    n = sum(t.numel() for t in dests)
+    live = [t for t in dests if t.numel()]
+    n = sum(t.numel() for t in live)
     if n == 0:
         return
     key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
     key &= (1 << 64) - 1
-    is_f64 = dests[0].dtype == torch.float64
-    per, size = (128, 8) if is_f64 else (256, 4)
-    spans, start = [], 0
-    for t in dests:
-        if t.numel():
-            spans.append((start, t.numel(), t.data_ptr()))
-            start += t.numel()
-
-    def share(lo: int, hi: int) -> None:  # batches lo .. hi-1
-        a, b = lo * per, min(hi * per, n)
-        addresses, counts = [], []
-        for s, count, address in spans:
-            x, y = max(a, s), min(b, s + count)
-            if x < y:
-                addresses.append(address + (x - s) * size)
-                counts.append(y - x)
-        _gauss.fill(addresses, counts, a, key, std, is_f64, add)
-
-    batches = -(-n // per)
-    if n <= KERNEL_SPLIT:
-        share(0, batches)
-    else:
-        in_shares(share, batches)
+    threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
+    _gauss.fill([t.data_ptr() for t in live], [t.numel() for t in live], 0, key, std,
+                dests[0].dtype == torch.float64, add, threads)
 
 
 def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:

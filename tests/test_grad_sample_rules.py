@@ -748,6 +748,30 @@ def test_conv2d_kernel_takes_the_layers_it_wins_on():
 
 
 @needs_conv_kernel
+@pytest.mark.parametrize("variant", ["conv2d_psg", "conv2d_psg_t"])
+def test_conv2d_kernel_threads_give_the_same_values(variant):
+    """The kernel's own threads (1-7, more than there are samples too) each take a share of
+    samples: bit for bit the values of one thread; threads < 1 is refused."""
+    from dpclip import _convpsg
+
+    B, C, H, W, O, k = 5, 2, 9, 9, 16, 3
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(B, C, H, W, generator=gen), torch.randn(B, O, H - k + 1, W - k + 1, generator=gen)
+    dims = (C, H, W, O, H - k + 1, W - k + 1, 1, k, k, 1, 1, 1, 1)
+    fn = getattr(_convpsg, variant)
+    outs = []
+    for threads in (1, 2, 3, 7):
+        out = torch.full((B, O * C * k * k), float("nan"))
+        fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), 0, B, dims, threads)
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    with pytest.raises(ValueError, match="threads"):
+        fn(x.data_ptr(), g.data_ptr(), outs[0].data_ptr(), 0, B, dims, 0)
+
+
+@needs_conv_kernel
 def test_conv2d_kernel_refuses_inconsistent_shapes():
     from dpclip import _convpsg
 
@@ -795,6 +819,28 @@ def test_float32_embedding_hypothesis(B, T, V, D, pad, freq, ghost, seed):
 
 
 needs_norm_kernel = pytest.mark.skipif(rules_mod._normpsg is None, reason="dpclip's norm kernel is not built")
+
+
+@needs_norm_kernel
+def test_norm_kernel_threads_give_the_same_values():
+    """group and rows on their own threads (1-7): bit for bit the values of one thread."""
+    B, C, S = 5, 4, 6
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(B, C, S, generator=gen), torch.randn(B, C, S, generator=gen)
+    for width, call in (
+        (C, lambda w, b, t: rules_mod._normpsg.group(x.data_ptr(), g.data_ptr(), w.data_ptr(), b.data_ptr(), 0, B, C, S, 2, 1e-5, t)),
+        (S, lambda w, b, t: rules_mod._normpsg.rows(x.data_ptr(), g.data_ptr(), w.data_ptr(), b.data_ptr(), 0, B, C, S, 1e-5, False, t)),
+    ):
+        outs = []
+        for threads in (1, 2, 3, 7):
+            w, b = torch.full((B, width), float("nan")), torch.full((B, width), float("nan"))
+            call(w, b, threads)
+            outs.append(torch.cat([w, b], 1))
+        assert not outs[0].isnan().any()
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0])
+        with pytest.raises(ValueError, match="threads"):
+            call(w, b, 0)
 
 
 @needs_norm_kernel

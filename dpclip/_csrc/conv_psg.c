@@ -11,13 +11,16 @@
  * (docs/design.md E20). Here each sample's input stays in L1/L2, no patches are formed, and the
  * accumulators of 8 outputs x 8 kernel columns stay in registers over all output positions.
  *
- * AVX2 + FMA only (x86-64 with GCC); available() says whether this machine can run it, and
+ * Samples b0 .. b1-1 without the GIL, on `threads` threads (an optional last argument, default
+ * 1; threads.h). AVX2 + FMA only (x86-64 with GCC); available() says whether this machine can run it, and
  * dpclip.grad_sample.rules uses torch's kernels where it cannot. The sum over positions runs
  * in a different order from torch's kernels, so float32 results differ in the last bits.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+
+#include "threads.h"
 
 static int have_kernel = 0;
 
@@ -192,12 +195,17 @@ static void run_t(const float *x, const float *g, float *out, float *gt_all, int
 
 /* Parse (x, g, out, b0, b1, dims) and check the shapes; -1 with a Python error set when they do
  * not make sense. */
-static int parse(PyObject *args, uintptr_t addr[3], long long *b0, long long *b1, dims_t *d) {
+static int parse(PyObject *args, uintptr_t addr[3], long long *b0, long long *b1, dims_t *d, int *threads) {
     unsigned long long xa, ga, oa;
     long long v[13];
-    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)", &xa, &ga, &oa, b0, b1, &v[0], &v[1], &v[2], &v[3], &v[4],
-                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12]))
+    *threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKLL(LLLLLLLLLLLLL)|i", &xa, &ga, &oa, b0, b1, &v[0], &v[1], &v[2], &v[3], &v[4],
+                          &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], threads))
         return -1;
+    if (*threads < 1) {
+        PyErr_Format(PyExc_ValueError, "conv2d_psg: threads must be at least 1, got %d", *threads);
+        return -1;
+    }
     if (!have_kernel) {
         PyErr_SetString(PyExc_RuntimeError, "conv2d_psg: this machine has no AVX2/FMA kernel; check available() first");
         return -1;
@@ -221,39 +229,55 @@ static int parse(PyObject *args, uintptr_t addr[3], long long *b0, long long *b1
     return 0;
 }
 
-static PyObject *py_psg(PyObject *self, PyObject *args) {
-    uintptr_t addr[3];
-    long long b0, b1;
-    dims_t d;
-    (void)self;
-    if (parse(args, addr, &b0, &b1, &d) < 0) return NULL;
 #ifdef HAVE_KERNEL_CODE
-    Py_BEGIN_ALLOW_THREADS
-    run((const float *)addr[0], (const float *)addr[1], (float *)addr[2], b0, b1, &d);
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
+typedef struct {
+    const float *x, *g;
+    float *out;
+    dims_t d;
+} conv_args_t;
+
+static void psg_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
+    const conv_args_t *a = (const conv_args_t *)ctx;
+    (void)scratch;
+    run(a->x, a->g, a->out, lo, hi, &a->d);
 }
 
-static PyObject *py_psg_t(PyObject *self, PyObject *args) {
+static void psg_t_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
+    const conv_args_t *a = (const conv_args_t *)ctx;
+    run_t(a->x, a->g, a->out, (float *)scratch, lo, hi, &a->d);
+}
+#endif
+
+/* Run a kernel over samples b0 .. b1-1 on `threads` threads, each with `scratch` floats. */
+static PyObject *run_kernel(int transposed, PyObject *args) {
     uintptr_t addr[3];
     long long b0, b1;
     dims_t d;
-    (void)self;
-    if (parse(args, addr, &b0, &b1, &d) < 0) return NULL;
-    if ((d.O / d.G) % 8) {
+    int threads, failed = 0;
+    if (parse(args, addr, &b0, &b1, &d, &threads) < 0) return NULL;
+    if (transposed && (d.O / d.G) % 8) {
         PyErr_Format(PyExc_ValueError, "conv2d_psg_t: outputs per group must be a multiple of 8; got %lld", (long long)(d.O / d.G));
         return NULL;
     }
 #ifdef HAVE_KERNEL_CODE
-    float *gt = PyMem_RawMalloc(sizeof(float) * (size_t)(d.O * d.Ho * d.Wo + 1));
-    if (gt == NULL) return PyErr_NoMemory();
+    conv_args_t a = {(const float *)addr[0], (const float *)addr[1], (float *)addr[2], d};
+    size_t scratch = transposed ? sizeof(float) * (size_t)(d.O * d.Ho * d.Wo + 1) : 0;
     Py_BEGIN_ALLOW_THREADS
-    run_t((const float *)addr[0], (const float *)addr[1], (float *)addr[2], gt, b0, b1, &d);
+    failed = over_threads(transposed ? psg_t_share : psg_share, &a, b0, b1, threads, scratch);
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(gt);
 #endif
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_psg(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_kernel(0, args);
+}
+
+static PyObject *py_psg_t(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_kernel(1, args);
 }
 
 static PyObject *py_available(PyObject *self, PyObject *args) {
@@ -264,9 +288,9 @@ static PyObject *py_available(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"conv2d_psg", py_psg, METH_VARARGS,
-     "conv2d_psg(x, g, out, b0, b1, (C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw)): per-sample weight gradients of samples b0..b1-1 (addresses of contiguous float32 tensors)"},
+     "conv2d_psg(x, g, out, b0, b1, (C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw)[, threads]): per-sample weight gradients of samples b0..b1-1 (addresses of contiguous float32 tensors)"},
     {"conv2d_psg_t", py_psg_t, METH_VARARGS,
-     "conv2d_psg_t(x, g, out_t, b0, b1, dims): as conv2d_psg, into out_t [B, G, C/G, kh, kw, O/G] (outputs innermost; O/G a multiple of 8)"},
+     "conv2d_psg_t(x, g, out_t, b0, b1, dims[, threads]): as conv2d_psg, into out_t [B, G, C/G, kh, kw, O/G] (outputs innermost; O/G a multiple of 8)"},
     {"available", py_available, METH_NOARGS, "available() -> whether this machine runs the kernel (AVX2 and FMA)"},
     {NULL, NULL, 0, NULL},
 };

@@ -25,16 +25,20 @@
  *   last bits, so the values are exact functions of (key, index) on one instruction set and
  *   agree to a few ulp across instruction sets.
  *
- * Interface (Python): fill(addresses, counts, start, key, std, is_f64, add) writes (add = 0)
- * or adds (add = 1) numbers start, start + 1, ... of the stream for `key` into the segments
- * (count[i] contiguous floats at address[i], one segment after another), without the GIL;
+ * Interface (Python): fill(addresses, counts, start, key, std, is_f64, add[, threads]) writes
+ * (add = 0) or adds (add = 1) numbers start, start + 1, ... of the stream for `key` into the
+ * segments (count[i] contiguous floats at address[i], one segment after another), without the
+ * GIL, on `threads` POSIX threads (default 1; the caller's thread is one of them), each a
+ * contiguous share of whole batches (the values do not depend on the split);
  * words(address, n, start, key) writes raw words in batch layout (tests); isa() names the
  * instruction set in use and set_isa() changes it (tests).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLK 64
@@ -233,6 +237,75 @@ static void run(const uint64_t *address, const int64_t *count, Py_ssize_t nseg, 
     }
 }
 
+/* ------------------------------------------------------------------ threads */
+/* Threads of one fill: share t takes numbers lo .. hi-1 (relative to the fill's start, whole
+ * batches but the last), its own segment list cut from the fill's. Started with pthread_create
+ * per call (tens of microseconds), so nothing outlives the call: a Python pool's hand-off to a
+ * sleeping worker cost 0.1-0.3 ms here (docs/design.md P12). */
+#define MAX_THREADS 64
+
+typedef struct {
+    uint64_t *address; /* this share's pieces of the fill's segments */
+    int64_t *count;
+    Py_ssize_t nseg;
+    uint64_t start;
+    uint32_t k0, k1;
+    double std;
+    int is_f64, add;
+} share_t;
+
+static void *share_main(void *arg) {
+    const share_t *sh = (const share_t *)arg;
+    run(sh->address, sh->count, sh->nseg, sh->start, sh->k0, sh->k1, sh->std, sh->is_f64, sh->add);
+    return NULL;
+}
+
+/* Split numbers 0 .. total-1 of the fill into `threads` shares of whole batches; run share 0
+ * here and the others on new threads (a share whose thread cannot be started runs here). */
+static void run_threads(const uint64_t *address, const int64_t *count, Py_ssize_t nseg, uint64_t start,
+                        uint32_t k0, uint32_t k1, double std, int is_f64, int add, int threads) {
+    uint64_t total = 0;
+    for (Py_ssize_t s = 0; s < nseg; s++) total += (uint64_t)count[s];
+    const uint64_t per = is_f64 ? WORDS / 2 : WORDS;
+    const size_t size = is_f64 ? sizeof(double) : sizeof(float);
+    uint64_t batches = (total + per - 1) / per;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((uint64_t)threads > batches) threads = (int)batches;
+    uint64_t *pieces = threads > 1 ? malloc(sizeof(uint64_t) * 2 * (size_t)(nseg + 1) * (size_t)threads) : NULL;
+    if (pieces == NULL) {
+        run(address, count, nseg, start, k0, k1, std, is_f64, add);
+        return;
+    }
+    share_t sh[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        uint64_t lo = batches * (uint64_t)t / (uint64_t)threads * per;
+        uint64_t hi = batches * (uint64_t)(t + 1) / (uint64_t)threads * per;
+        if (hi > total) hi = total;
+        share_t *h = &sh[t];
+        *h = (share_t){pieces + 2 * (size_t)(nseg + 1) * (size_t)t, NULL, 0, start + lo, k0, k1, std, is_f64, add};
+        h->count = (int64_t *)(h->address + nseg + 1);
+        uint64_t pos = 0; /* index of segment s's first number */
+        for (Py_ssize_t s = 0; s < nseg && pos < hi; s++) {
+            uint64_t n = (uint64_t)count[s], a = pos > lo ? pos : lo, b = pos + n < hi ? pos + n : hi;
+            if (a < b) {
+                h->address[h->nseg] = address[s] + (a - pos) * size;
+                h->count[h->nseg] = (int64_t)(b - a);
+                h->nseg++;
+            }
+            pos += n;
+        }
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, share_main, &sh[t]) == 0;
+    share_main(&sh[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else share_main(&sh[t]);
+    }
+    free(pieces);
+}
+
 /* ------------------------------------------------------------------ Python bindings */
 static int read_u64s(PyObject *seq, uint64_t *out, Py_ssize_t n, const char *what) {
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -250,11 +323,15 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
     PyObject *addresses, *counts, *a_seq = NULL, *c_seq = NULL, *result = NULL;
     unsigned long long start, key;
     double std;
-    int is_f64, add;
+    int is_f64, add, threads = 1;
     uint64_t *address = NULL, *count = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOKKdpp", &addresses, &counts, &start, &key, &std, &is_f64, &add))
+    if (!PyArg_ParseTuple(args, "OOKKdpp|i", &addresses, &counts, &start, &key, &std, &is_f64, &add, &threads))
         return NULL;
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "fill: threads must be at least 1, got %d", threads);
+        return NULL;
+    }
     a_seq = PySequence_Fast(addresses, "fill: addresses must be a sequence of ints");
     c_seq = PySequence_Fast(counts, "fill: counts must be a sequence of ints");
     if (a_seq == NULL || c_seq == NULL) goto done;
@@ -277,7 +354,8 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    run(address, (const int64_t *)count, nseg, (uint64_t)start, (uint32_t)key, (uint32_t)(key >> 32), std, is_f64, add);
+    run_threads(address, (const int64_t *)count, nseg, (uint64_t)start, (uint32_t)key, (uint32_t)(key >> 32), std,
+                is_f64, add, threads);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -345,7 +423,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"fill", py_fill, METH_VARARGS, "fill(addresses, counts, start, key, std, is_f64, add): write or add numbers start, start+1, ... of the stream into the segments"},
+    {"fill", py_fill, METH_VARARGS, "fill(addresses, counts, start, key, std, is_f64, add[, threads]): write or add numbers start, start+1, ... of the stream into the segments, on `threads` threads"},
     {"words", py_words, METH_VARARGS, "words(address, n, start, key): raw Philox4x32-10 words start..start+n-1 in batch layout (uint32)"},
     {"isa", py_isa, METH_NOARGS, "isa() -> the instruction set in use: 'avx512', 'avx2' or 'generic'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('generic' | 'avx2' | 'best') -> the instruction set now in use (tests)"},

@@ -8,7 +8,8 @@
  *     (LayerNorm; RMSNorm with rms = 1: no mean, rstd = 1 / sqrt(mean(x^2) + eps));
  *     w[i, d] = sum_t g[i, t, d] (x[i, t, d] - mean_t) rstd_t,   b[i, d] = sum_t g[i, t, d].
  *
- * Samples b0 .. b1-1, without the GIL; w or b may be 0 (not wanted). The variance is the
+ * Samples b0 .. b1-1, without the GIL, on `threads` threads (an optional last argument,
+ * default 1; threads.h); w or b may be 0 (not wanted). The variance is the
  * biased one, as torch's layers use. AVX2 and baseline versions of the loops (GCC's
  * target_clones picks one at load time). Why: torch's path formed the normalised input (a B-sized
  * temporary), multiplied it by g and summed, four passes and a chunked temporary; W3's
@@ -19,6 +20,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "threads.h"
 
 /* One pass over x and g: per channel sum g x and sum g, per group sum x and sum x^2 (all in
  * double; a float times a float is exact in double); then w = rstd (sum g x - mean sum g). In
@@ -96,48 +99,72 @@ static void rows(const float *x, const float *g, float *w, float *b, int64_t b0,
     }
 }
 
+typedef struct {
+    const float *x, *g;
+    float *w, *b;
+    int64_t C, S, G, T, D;
+    double eps;
+    int rms;
+} norm_args_t;
+
+static void group_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
+    const norm_args_t *a = (const norm_args_t *)ctx;
+    group(a->x, a->g, a->w, a->b, lo, hi, a->C, a->S, a->G, a->eps, (double *)scratch);
+}
+
+static void rows_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
+    const norm_args_t *a = (const norm_args_t *)ctx;
+    rows(a->x, a->g, a->w, a->b, lo, hi, a->T, a->D, a->eps, a->rms, (double *)scratch);
+}
+
+static PyObject *run_norm(dpclip_range_fn fn, norm_args_t *a, long long b0, long long b1, int threads, int64_t acc) {
+    int failed;
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "threads must be at least 1, got %d", threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    failed = over_threads(fn, a, b0, b1, threads, sizeof(double) * 2 * (size_t)acc);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_group(PyObject *self, PyObject *args) {
     unsigned long long xa, ga, wa, ba;
     long long b0, b1, C, S, G;
     double eps;
+    int threads = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKLLLLLd", &xa, &ga, &wa, &ba, &b0, &b1, &C, &S, &G, &eps)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLLd|i", &xa, &ga, &wa, &ba, &b0, &b1, &C, &S, &G, &eps, &threads)) return NULL;
     if (xa == 0 || ga == 0 || b0 < 0 || b1 < b0 || C < 1 || S < 0 || G < 1 || C % G || !(eps >= 0)) {
         PyErr_Format(PyExc_ValueError, "group: inconsistent arguments (C=%lld, S=%lld, G=%lld, eps=%g)", C, S, G, eps);
         return NULL;
     }
-    double *acc = PyMem_RawMalloc(sizeof(double) * 2 * (size_t)C);
-    if (acc == NULL) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    group((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)wa, (float *)(uintptr_t)ba, b0, b1, C, S, G, eps, acc);
-    Py_END_ALLOW_THREADS
-    PyMem_RawFree(acc);
-    Py_RETURN_NONE;
+    norm_args_t a = {(const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)wa,
+                     (float *)(uintptr_t)ba, C, S, G, 0, 0, eps, 0};
+    return run_norm(group_share, &a, b0, b1, threads, C);
 }
 
 static PyObject *py_rows(PyObject *self, PyObject *args) {
     unsigned long long xa, ga, wa, ba;
     long long b0, b1, T, D;
     double eps;
-    int rms;
+    int rms, threads = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKLLLLdp", &xa, &ga, &wa, &ba, &b0, &b1, &T, &D, &eps, &rms)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLdp|i", &xa, &ga, &wa, &ba, &b0, &b1, &T, &D, &eps, &rms, &threads)) return NULL;
     if (xa == 0 || ga == 0 || b0 < 0 || b1 < b0 || T < 0 || D < 1 || !(eps >= 0)) {
         PyErr_Format(PyExc_ValueError, "rows: inconsistent arguments (T=%lld, D=%lld, eps=%g)", T, D, eps);
         return NULL;
     }
-    double *acc = PyMem_RawMalloc(sizeof(double) * 2 * (size_t)D);
-    if (acc == NULL) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    rows((const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)wa, (float *)(uintptr_t)ba, b0, b1, T, D, eps, rms, acc);
-    Py_END_ALLOW_THREADS
-    PyMem_RawFree(acc);
-    Py_RETURN_NONE;
+    norm_args_t a = {(const float *)(uintptr_t)xa, (const float *)(uintptr_t)ga, (float *)(uintptr_t)wa,
+                     (float *)(uintptr_t)ba, 0, 0, 0, T, D, eps, rms};
+    return run_norm(rows_share, &a, b0, b1, threads, D);
 }
 
 static PyMethodDef methods[] = {
-    {"group", py_group, METH_VARARGS, "group(x, g, w, b, b0, b1, C, S, G, eps): GroupNorm/InstanceNorm per-sample affine gradients (see norm_psg.c)"},
-    {"rows", py_rows, METH_VARARGS, "rows(x, g, w, b, b0, b1, T, D, eps, rms): LayerNorm/RMSNorm per-sample affine gradients (see norm_psg.c)"},
+    {"group", py_group, METH_VARARGS, "group(x, g, w, b, b0, b1, C, S, G, eps[, threads]): GroupNorm/InstanceNorm per-sample affine gradients (see norm_psg.c)"},
+    {"rows", py_rows, METH_VARARGS, "rows(x, g, w, b, b0, b1, T, D, eps, rms[, threads]): LayerNorm/RMSNorm per-sample affine gradients (see norm_psg.c)"},
     {NULL, NULL, 0, NULL},
 };
 

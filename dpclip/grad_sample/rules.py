@@ -462,14 +462,12 @@ def _spread(chunk: int, batch: int, device: torch.device, numbers: int) -> int:
     return max(1, min(chunk, -(-batch // max(1, threads))))
 
 
-def _over_batch(run: Callable[[int, int], object], batch: int, numbers: int) -> None:
-    """``run(lo, hi)`` over the samples of a C kernel's call: one share per thread
-    (:func:`in_shares`; the kernels release the GIL), or one call on the caller when its
-    input (``numbers``) is below :data:`_SPREAD_MIN`."""
-    if numbers < _SPREAD_MIN:
-        run(0, batch)
-    else:
-        in_shares(run, batch)
+def _over_batch(run: Callable[[int, int, int], object], batch: int, numbers: int) -> None:
+    """``run(0, batch, threads)``: one C kernel call over the batch, which the kernel splits
+    into one share of samples per thread of its own (dpclip/_csrc/threads.h, design P12) on
+    ``torch.get_num_threads()`` threads, or runs on the caller alone when its input
+    (``numbers``) is below :data:`_SPREAD_MIN`."""
+    run(0, batch, 1 if numbers < _SPREAD_MIN else torch.get_num_threads())
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -558,7 +556,7 @@ def _conv_kernel_run(fn, module: nn.modules.conv._ConvNd, activations, backprops
     B, C, H, W = x.shape
     O, Ho, Wo = g.shape[1:]
     dims = (C, H, W, O, Ho, Wo, module.groups, *module.kernel_size, *module.stride, *module.dilation)
-    _over_batch(lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), lo, hi, dims), B, x.numel())
+    _over_batch(lambda lo, hi, threads: fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), lo, hi, dims, threads), B, x.numel())
     return out
 
 
@@ -1099,8 +1097,8 @@ def _norm_kernel_run(fn, module: nn.Module, activations, backprops, width: int, 
     if not want or B == 0:
         return want
     w, b = want.get("weight"), want.get("bias")
-    _over_batch(lambda lo, hi: fn(x.data_ptr(), g.data_ptr(), 0 if w is None else w.data_ptr(),
-                                  0 if b is None else b.data_ptr(), lo, hi, *args), B, x.numel())
+    _over_batch(lambda lo, hi, threads: fn(x.data_ptr(), g.data_ptr(), 0 if w is None else w.data_ptr(),
+                                           0 if b is None else b.data_ptr(), lo, hi, *args, threads), B, x.numel())
     return want
 
 
