@@ -639,14 +639,90 @@ def test_float32_conv_hypothesis(B, groups, k, stride, dilation, padding, mode, 
 
 
 def test_the_engine_kernels_are_built_where_a_c_compiler_is():
-    """make test installs the conv and norm kernels on Linux with a C compiler: their absence
-    there is a build failure, not a reason to skip their tests."""
+    """make test installs the conv, norm and Gram kernels on Linux with a C compiler: their
+    absence there is a build failure, not a reason to skip their tests."""
     import shutil
     import sys
 
     if not (sys.platform.startswith("linux") and shutil.which("cc")):
         pytest.skip("no C compiler on this platform")
-    assert rules_mod._convpsg is not None and rules_mod._normpsg is not None
+    assert rules_mod._convpsg is not None and rules_mod._normpsg is not None and rules_mod._gram is not None
+
+
+needs_gram_kernel = pytest.mark.skipif(
+    rules_mod._gram is None or not rules_mod._gram.available(),
+    reason="dpclip's Gram kernel is not built or this CPU has no AVX2",
+)
+
+
+@needs_gram_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(0, 5),
+    T=st.integers(1, 40),
+    d=st.integers(1, 40),
+    p=st.integers(1, 40),
+    pad=st.sampled_from([0, 3]),
+    bias=st.booleans(),
+    spread=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_float32_gram_kernel_hypothesis(B, T, d, p, pad, bias, spread, seed):
+    """The Gram kernel's ghost norm <a a^T, g g^T> and bias norm 1^T g g^T 1 within 1e-5
+    relative of float64, for T across the tile bounds (6 x 16), rows apart by more than their
+    size (slices of wider tensors), the batch in one call or one share per thread; and the
+    kernel is what ran."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, T, d + pad, generator=gen)[..., :d]
+    g = (torch.randn(B, T, p + pad, generator=gen) * 3.0)[..., :p]
+    assert rules_mod._gram_kernel_takes(a, g)
+    with pytest.MonkeyPatch.context() as mp:
+        if spread:
+            mp.setattr(rules_mod, "_SPREAD_MIN", 0)
+        weight, bias_sq = rules_mod._ghost_sq_and_bias(a, g, bias)
+    a64, g64 = a.double(), g.double()
+    want = (a64 @ a64.transpose(1, 2) * (g64 @ g64.transpose(1, 2))).sum((1, 2))
+    assert weight.shape == (B,) and weight.dtype == torch.float32
+    if B:
+        assert (weight.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    if bias:
+        want_b = g64.sum(1).pow(2).sum(1)
+        assert bias_sq.shape == (B,)
+        if B:
+            assert (bias_sq.double() - want_b).abs().max().item() <= 1e-5 * want_b.abs().max().item()
+    else:
+        assert bias_sq is None
+
+
+@needs_gram_kernel
+def test_gram_kernel_paths_and_refusals():
+    """Which inputs the Gram kernel takes (float32 CPU, 1 <= T <= 1024); expanded and
+    transposed views are copied first and agree with torch's path; bad shapes are refused."""
+    from dpclip import _gram
+
+    takes = rules_mod._gram_kernel_takes
+    assert takes(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
+    assert not takes(torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 5, dtype=torch.float64))
+    assert not takes(torch.zeros(2, 0, 4), torch.zeros(2, 0, 5))
+    assert not takes(torch.zeros(1, 1025, 4), torch.zeros(1, 1025, 5))
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.randn(3, 1, 8, generator=gen).expand(3, 5, 8), torch.randn(3, 5, 4, generator=gen)),  # rows 0 apart
+        (torch.randn(3, 8, 5, generator=gen).transpose(1, 2), torch.randn(3, 4, 5, generator=gen).transpose(1, 2)),
+    ]
+    for a, g in cases:
+        assert takes(a, g)
+        got, got_b = rules_mod._ghost_sq_and_bias(a, g, True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rules_mod, "_gram", None)
+            want, want_b = rules_mod._ghost_sq_and_bias(a, g, True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=0)
+    x = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _gram.gram_dot(x.data_ptr(), x.data_ptr(), x.data_ptr(), 0, 0, 2, (3, 4, 4, 12, 2, 12, 4))  # rows overlap
+    with pytest.raises(ValueError, match="threads"):
+        _gram.gram_dot(x.data_ptr(), x.data_ptr(), x.data_ptr(), 0, 0, 2, (3, 4, 4, 12, 4, 12, 4), 0)
 
 
 needs_conv_kernel = pytest.mark.skipif(

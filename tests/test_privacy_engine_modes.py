@@ -182,9 +182,10 @@ def test_each_per_sample_mode_matches_the_oracle(model_kind, clipping):
 
 
 class KernelPaths(nn.Module):
-    """The layers dpclip's C kernels take in float32 (docs/design.md E20, E21): a W2-like
+    """The layers dpclip's C kernels take in float32 (docs/design.md E20-E22): a W2-like
     1->16 8x8 stride-2 conv (column kernel), GroupNorm, a 16->32 4x4 stride-2 conv (output
-    kernel in the ghost branch), an RGB-like 3->16 3x3 conv (output kernel), LayerNorm."""
+    kernel in the ghost branch), an RGB-like 3->16 3x3 conv (output kernel), LayerNorm, and a
+    Linear over 4 positions (ghost norm by the Gram kernel)."""
 
     def __init__(self):
         super().__init__()
@@ -193,13 +194,17 @@ class KernelPaths(nn.Module):
         self.c2 = nn.Conv2d(16, 32, 4, stride=2)
         self.rgb = nn.Conv2d(3, 16, 3, padding=1)
         self.ln = nn.LayerNorm(16)
-        self.fc = nn.Linear(32 + 16, 3)
+        self.seq = nn.Linear(16, 24)
+        self.fc = nn.Linear(32 + 16 + 24, 3)
 
     def forward(self, x):
         h = F.max_pool2d(torch.tanh(self.gn(self.c1(x[:, :1]))), 2, 1)  # [B, 16, 13, 13]
         a = torch.tanh(self.c2(h)).mean((2, 3))  # [B, 32]
-        b = self.ln(torch.tanh(self.rgb(x[:, :3])).mean((2, 3)))  # [B, 16]
-        return self.fc(torch.cat([a, b], 1))
+        r = torch.tanh(self.rgb(x[:, :3]))  # [B, 16, 28, 28]
+        b = self.ln(r.mean((2, 3)))  # [B, 16]
+        tokens = F.adaptive_avg_pool2d(r, 2).flatten(2).transpose(1, 2)  # [B, 4, 16]
+        c = torch.tanh(self.seq(tokens)).mean(1)  # [B, 24]
+        return self.fc(torch.cat([a, b, c], 1))
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -208,10 +213,13 @@ def test_float32_kernels_through_make_private_match_the_float64_oracle(clipping,
     kernel must be used) gives the float64 oracle's clipped sum within float32 rounding."""
     from dpclip.grad_sample import rules as rules_mod
 
-    if rules_mod._convpsg is None or not rules_mod._convpsg.available() or rules_mod._normpsg is None:
+    if (rules_mod._convpsg is None or not rules_mod._convpsg.available() or rules_mod._normpsg is None
+            or rules_mod._gram is None or not rules_mod._gram.available()):
         pytest.skip("dpclip's kernels are not built or this CPU has no AVX2")
-    used = {"conv": set(), "conv_t": 0, "norm": 0}
+    used = {"conv": set(), "conv_t": 0, "norm": 0, "gram": 0}
     run, psg_t, norm_run = rules_mod._conv_kernel_run, rules_mod._conv_psg_t, rules_mod._norm_kernel_run
+    gram = rules_mod._gram_kernel
+    monkeypatch.setattr(rules_mod, "_gram_kernel", lambda *a: used.__setitem__("gram", used["gram"] + 1) or gram(*a))
     monkeypatch.setattr(rules_mod, "_conv_kernel_run", lambda fn, *a: used["conv"].add(fn.__name__) or run(fn, *a))
     monkeypatch.setattr(rules_mod, "_conv_psg_t", lambda *a: used.__setitem__("conv_t", used["conv_t"] + 1) or psg_t(*a))
     monkeypatch.setattr(rules_mod, "_norm_kernel_run", lambda *a: used.__setitem__("norm", used["norm"] + 1) or norm_run(*a))
@@ -238,6 +246,7 @@ def test_float32_kernels_through_make_private_match_the_float64_oracle(clipping,
         # entry here (gn.weight), with torch's norm path as with the kernel
         torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-4 * scale, msg=n)
     assert used["conv"] >= {"conv2d_psg", "conv2d_psg_t"} and used["conv_t"] >= 2 and used["norm"] >= 2
+    assert used["gram"] >= 1
 
 
 @pytest.mark.parametrize("model_kind", list(MODELS) + ["cnn_bn"])

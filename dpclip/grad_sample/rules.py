@@ -53,6 +53,10 @@ try:  # the norm-layer kernel (dpclip/_csrc/norm_psg.c); absent without a C comp
     from .. import _normpsg
 except ImportError:  # pragma: no cover - depends on the build
     _normpsg = None
+try:  # the Gram-tile ghost-norm kernel (dpclip/_csrc/gram.c); absent without a C compiler
+    from .. import _gram
+except ImportError:  # pragma: no cover - depends on the build
+    _gram = None
 
 __all__ = ["LayerRule", "RULES", "rule_for", "use_ghost"]
 
@@ -139,13 +143,59 @@ def _ghost_sq_and_bias(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[to
     ``bias``, the bias's ``||sum_t g_it||^2 = 1^T (g_i g_i^T) 1`` from the same output-gradient
     Gram matrix (a pass over ``[B, T, T]`` instead of over ``g [B, T, p]``): two ``[B]``.
 
-    Shapes: ``a [B, T, d]``, ``g [B, T, p]``. The Frobenius product is one batched dot
-    (``[B, 1, T^2] @ [B, T^2, 1]``), no ``[B, T, T]`` product temporary."""
+    Shapes: ``a [B, T, d]``, ``g [B, T, p]``. On CPU in float32 with AVX2 the C kernel
+    (:func:`_gram_kernel_takes`) computes only the Gram tiles on and above the diagonal and no
+    ``[B, T, T]`` tensor; otherwise torch's batched GEMMs, and the Frobenius product as one
+    batched dot (``[B, 1, T^2] @ [B, T^2, 1]``)."""
     B, T = a.shape[0], a.shape[1]
+    if _gram_kernel_takes(a, g):
+        return _gram_kernel(a, g, bias)
     aa = torch.bmm(a, a.transpose(1, 2))
     gg = torch.bmm(g, g.transpose(1, 2))
     weight = torch.bmm(aa.view(B, 1, T * T), gg.view(B, T * T, 1)).view(B)
     return weight, (gg.view(B, T * T).sum(1) if bias else None)
+
+
+_GRAM_MAX_T = 1024  # positions up to which the Gram kernel runs (its [T, T] scratch: 4 MB per thread)
+
+
+def _gram_kernel_takes(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether :func:`_gram_kernel` runs for ``a [B, T, d]``, ``g [B, T, p]``: the kernel is
+    built and this CPU has AVX2 and FMA, both are float32 CPU tensors, and
+    ``1 <= T <= _GRAM_MAX_T``, ``d, p >= 1``."""
+    return (
+        _gram is not None
+        and _gram.available()
+        and a.device.type == "cpu" == g.device.type
+        and a.dtype == torch.float32 == g.dtype
+        and 1 <= a.shape[1] <= _GRAM_MAX_T
+        and a.shape[2] >= 1
+        and g.shape[2] >= 1
+    )
+
+
+def _gram_kernel(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_ghost_sq_and_bias` by dpclip/_csrc/gram.c (docs/design.md E22): per sample,
+    the weighted Gram tiles on and above the diagonal, in cache; one call over the batch,
+    split over the torch threads by the kernel itself. Shapes as there."""
+    B, T, d = a.shape
+    p = g.shape[2]
+    # the kernel reads contiguous rows, apart by at least their size (a copy of a transposed
+    # or expanded view is one pass, against T passes for the Grams)
+    if a.stride(2) != 1 or a.stride(1) < d or (B > 1 and a.stride(0) < T * a.stride(1)):
+        a = a.contiguous()
+    if g.stride(2) != 1 or g.stride(1) < p or (B > 1 and g.stride(0) < T * g.stride(1)):
+        g = g.contiguous()
+    out = a.new_empty(B)
+    out_bias = a.new_empty(B) if bias else None
+    if B:
+        sa = a.stride(0) if B > 1 else T * a.stride(1)
+        sg = g.stride(0) if B > 1 else T * g.stride(1)
+        dims = (T, d, p, sa, a.stride(1), sg, g.stride(1))
+        _over_batch(lambda lo, hi, threads: _gram.gram_dot(
+            a.data_ptr(), g.data_ptr(), out.data_ptr(), 0 if out_bias is None else out_bias.data_ptr(),
+            lo, hi, dims, threads), B, B * T * (d + p))
+    return out, out_bias
 
 
 def _materialised_rule(
