@@ -43,3 +43,21 @@ def test_engine_benchmark_refuses_cuda_without_a_device():
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr
+
+
+def test_engine_benchmark_separate_heaps(tmp_path):
+    """--separate-heaps: each method in its own worker process, stepped round-robin."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE), "--models", "mlp", "--methods", "dpclip auto",
+         "--batch-size", "8", "--steps", "3", "--no-memory", "--no-check", "--separate-heaps", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["settings"]["separate_heaps"] is True
+    timing = res["models"]["mlp"]["timing"]
+    for method in ("non-private", "dpclip auto"):
+        assert timing[method]["ms_median"] > 0 and timing[method]["steps"] == 3
+    assert timing["dpclip auto"]["x_nonprivate"] > 0
+    assert "its own process" in proc.stdout

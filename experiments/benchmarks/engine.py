@@ -6,7 +6,8 @@ One process times every method on the same models, the same batches and the same
 * ``non-private``      plain ``loss.backward(); optimizer.step()``;
 * ``dpclip auto``      ``dpclip.PrivacyEngine().make_private(grad_sample_mode="auto")``;
 * ``dpclip auto+anchor`` the same with ``GradSampler.anchor_first_layers`` switched on (first
-  layers' weight gradients skipped by autograd as well; not yet make_private's default);
+  layers' weight gradients skipped by autograd as well); make_private's default since 274e1ae,
+  so now the same as ``dpclip auto`` (kept to compare with older results);
 * ``dpclip hooks``     ``grad_sample_mode="hooks"`` (norms from materialised per-sample grads);
 * ``dpclip bookkeeping`` ``grad_sample_mode="bookkeeping"``;
 * ``dpclip vmap``      ``grad_sample_mode="vmap"`` (every layer through torch.func; skipped with
@@ -389,8 +390,8 @@ def make_runner(
             generator=torch.Generator(device).manual_seed(1),
         )
         if method.endswith("+anchor"):
-            # GradSampler(anchor_first_layers=True): first layers skip autograd too (not yet
-            # make_private's default); reaches into the engine's attachment
+            # GradSampler(anchor_first_layers=True): first layers skip autograd too (make_private's
+            # default since 274e1ae); reaches into the engine's attachment
             engine._attachment.sampler.anchor_first_layers = True
         keep.append(engine)
     elif method.startswith("opacus"):
@@ -480,6 +481,12 @@ def time_model(
                 timings[r.name].wall.append(t1 - t0)
                 timings[r.name].cpu.append(c1 - c0)
                 timings[r.name].faults.append(f1 - f0)
+    return summarise(timings, methods, errors, batch_size)
+
+
+def summarise(timings: dict[str, Timing], methods: list[str], errors: dict[str, str], batch_size: int) -> dict[str, Any]:
+    """Per method: median and fastest wall ms per step, median CPU ms and page faults, samples
+    per second, and the ratios of the medians to ``non-private``'s."""
     out: dict[str, Any] = {}
     for m in methods:
         if m in errors:
@@ -502,6 +509,81 @@ def time_model(
             r["x_nonprivate"] = r["ms_median"] / base
             r["x_nonprivate_cpu"] = r["cpu_ms_median"] / base_cpu if base_cpu else None
     return out
+
+
+def _heap_worker(conn, model: str, method: str, batch_size: int) -> None:
+    """One method in its own process (``--separate-heaps``): set up, warm up, say ``ready``,
+    then run one step per index received and send back (wall s, CPU s, page faults)."""
+    torch.set_num_threads(THREADS)
+    spec = MODELS[model]
+    state = initial_state(spec)
+    dataset, batches = make_data(spec, batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            r = make_runner(method, spec, state, dataset, batch_size)
+            for i in range(WARMUP):
+                r.step(*batches[i % N_BATCHES])
+        except Exception as e:  # skip the mode, say why
+            conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))
+            return
+        conn.send(("ready", None))
+        while (k := conn.recv()) is not None:
+            x, y = batches[k % N_BATCHES]
+            f0, c0, t0 = page_faults(), cpu_time(), time.perf_counter()
+            r.step(x, y)
+            t1, c1, f1 = time.perf_counter(), cpu_time(), page_faults()
+            conn.send((t1 - t0, c1 - c0, f1 - f0))
+
+
+def time_model_separate_heaps(model: str, batch_size: int, steps: int, methods: list[str], log) -> dict[str, Any]:
+    """:func:`time_model` with every method in its own process: each has its own allocator
+    heap, as in a real training run, instead of inheriting the state the other methods left
+    in a shared one (docs/design.md E17). This process steps them round-robin with a rotating
+    start, one at a time, so that they still share the machine's conditions. Workers are
+    started with ``spawn`` and set up one after another; results as :func:`time_model`."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers: dict[str, tuple[Any, Any]] = {}
+    errors: dict[str, str] = {}
+    try:
+        for m in methods:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_heap_worker, args=(child, model, m, batch_size), daemon=True)
+            proc.start()
+            child.close()
+            try:
+                status, detail = parent.recv()
+            except EOFError:
+                status, detail = "error", f"the worker exited with code {proc.join() or proc.exitcode}"
+            if status == "ready":
+                workers[m] = (proc, parent)
+            else:
+                errors[m] = detail
+                log(f"  [{model}] {m}: skipped ({detail})")
+                proc.join()
+        timings = {m: Timing() for m in workers}
+        names = list(workers)
+        for k in range(steps):
+            rot = k % max(1, len(names))
+            for m in names[rot:] + names[:rot]:
+                conn = workers[m][1]
+                conn.send(k)
+                wall, cpu, faults = conn.recv()
+                timings[m].wall.append(wall)
+                timings[m].cpu.append(cpu)
+                timings[m].faults.append(faults)
+    finally:
+        for proc, conn in workers.values():
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    return summarise(timings, methods, errors, batch_size)
 
 
 # --------------------------------------------------------------------------- memory
@@ -836,6 +918,11 @@ def main(argv: list[str] | None = None) -> int:
         help="rerun under GLIBC_TUNABLES with a fixed mmap threshold (256 MiB) and no heap trimming, so "
         "that the allocator's state, and with it the page faults per step, depends less on what ran before (see docs/benchmarks.md)",
     )
+    ap.add_argument(
+        "--separate-heaps", action="store_true",
+        help="time each method in its own worker process (its own allocator heap, as in a real training run), "
+        "stepped round-robin from this one so that all share the machine's conditions (see docs/benchmarks.md)",
+    )
     ap.add_argument("--_mem-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.stable_malloc and os.environ.get("GLIBC_TUNABLES") != STABLE_MALLOC:
@@ -854,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     if device.type not in ("cpu", "cuda"):
         ap.error(f"--device {args.device!r}: choose cpu or cuda")
+    if args.separate_heaps and device.type != "cpu":
+        ap.error("--separate-heaps times the CPU allocator's heaps: use it with --device cpu")
     if args.profile:
         profile(args.profile[0], args.profile[1], args.batch_size, args.steps or 10)
         return 0
@@ -871,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     results: dict[str, Any] = {"environment": environment(), "settings": {
         "noise_multiplier": NOISE, "max_grad_norm": CLIP, "lr": LR, "steps": steps, "warmup": WARMUP,
-        "poisson_sampling": False, "device": str(device),
+        "poisson_sampling": False, "device": str(device), "separate_heaps": args.separate_heaps,
         "memory": "max_memory_allocated over 2 steps after warm-up" if device.type == "cuda"
         else "VmHWM after clear_refs reset, fresh subprocess per cell",
     }, "models": {}}
@@ -885,7 +974,10 @@ def main(argv: list[str] | None = None) -> int:
             methods = [m for m in methods if m in wanted]
         log(f"[{name}] timing {len(methods)} methods, B={bs}, {steps} steps each ...")
         res: dict[str, Any] = {"description": spec.description, "batch_size": bs}
-        res["timing"] = time_model(spec, bs, steps, methods, log, device)
+        if args.separate_heaps:
+            res["timing"] = time_model_separate_heaps(name, bs, steps, methods, log)
+        else:
+            res["timing"] = time_model(spec, bs, steps, methods, log, device)
         if memory and device.type == "cuda":
             log(f"[{name}] peak CUDA memory ...")
             res["memory"] = {m: measure_memory_cuda(name, m, bs, device) for m in methods}
@@ -913,6 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         + f", {env['threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
         f"sigma={NOISE}, C={CLIP}, flat clipping, poisson_sampling=False, {steps} timed steps (median), {WARMUP} warm-up"
+        + (", each method in its own process (--separate-heaps)" if args.separate_heaps else "")
     )
     print()
     print_table(results, memory)
