@@ -36,10 +36,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "threads.h"
 
 #define BLK 64
 #define WORDS (4 * BLK)
@@ -238,72 +239,51 @@ static void run(const uint64_t *address, const int64_t *count, Py_ssize_t nseg, 
 }
 
 /* ------------------------------------------------------------------ threads */
-/* Threads of one fill: share t takes numbers lo .. hi-1 (relative to the fill's start, whole
- * batches but the last), its own segment list cut from the fill's. Started with pthread_create
- * per call (tens of microseconds), so nothing outlives the call: a Python pool's hand-off to a
- * sleeping worker cost 0.1-0.3 ms here (docs/design.md P12). */
-#define MAX_THREADS 64
-
+/* A fill over threads (threads.h): share t takes batches lo .. hi-1 of the fill, i.e. its
+ * numbers lo*per .. hi*per-1 (the last share ends at the fill's end), and runs them as its own
+ * list of segment pieces, built in its scratch. Nothing outlives the call: a Python pool's
+ * hand-off to a sleeping worker cost 0.1-0.3 ms here (docs/design.md P12). */
 typedef struct {
-    uint64_t *address; /* this share's pieces of the fill's segments */
-    int64_t *count;
+    const uint64_t *address;
+    const int64_t *count;
     Py_ssize_t nseg;
-    uint64_t start;
+    uint64_t start, total;
     uint32_t k0, k1;
     double std;
     int is_f64, add;
-} share_t;
+} fill_args_t;
 
-static void *share_main(void *arg) {
-    const share_t *sh = (const share_t *)arg;
-    run(sh->address, sh->count, sh->nseg, sh->start, sh->k0, sh->k1, sh->std, sh->is_f64, sh->add);
-    return NULL;
+static void fill_share(void *ctx, int64_t lo_batch, int64_t hi_batch, void *scratch) {
+    const fill_args_t *f = (const fill_args_t *)ctx;
+    const uint64_t per = f->is_f64 ? WORDS / 2 : WORDS;
+    const size_t size = f->is_f64 ? sizeof(double) : sizeof(float);
+    uint64_t lo = (uint64_t)lo_batch * per, hi = (uint64_t)hi_batch * per;
+    if (hi > f->total) hi = f->total;
+    uint64_t *address = (uint64_t *)scratch;
+    int64_t *count = (int64_t *)(address + f->nseg + 1);
+    Py_ssize_t n = 0;
+    uint64_t pos = 0; /* index of segment s's first number */
+    for (Py_ssize_t s = 0; s < f->nseg && pos < hi; s++) {
+        uint64_t c = (uint64_t)f->count[s], a = pos > lo ? pos : lo, b = pos + c < hi ? pos + c : hi;
+        if (a < b) {
+            address[n] = f->address[s] + (a - pos) * size;
+            count[n] = (int64_t)(b - a);
+            n++;
+        }
+        pos += c;
+    }
+    run(address, count, n, f->start + lo, f->k0, f->k1, f->std, f->is_f64, f->add);
 }
 
-/* Split numbers 0 .. total-1 of the fill into `threads` shares of whole batches; run share 0
- * here and the others on new threads (a share whose thread cannot be started runs here). */
 static void run_threads(const uint64_t *address, const int64_t *count, Py_ssize_t nseg, uint64_t start,
                         uint32_t k0, uint32_t k1, double std, int is_f64, int add, int threads) {
     uint64_t total = 0;
     for (Py_ssize_t s = 0; s < nseg; s++) total += (uint64_t)count[s];
     const uint64_t per = is_f64 ? WORDS / 2 : WORDS;
-    const size_t size = is_f64 ? sizeof(double) : sizeof(float);
-    uint64_t batches = (total + per - 1) / per;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((uint64_t)threads > batches) threads = (int)batches;
-    uint64_t *pieces = threads > 1 ? malloc(sizeof(uint64_t) * 2 * (size_t)(nseg + 1) * (size_t)threads) : NULL;
-    if (pieces == NULL) {
-        run(address, count, nseg, start, k0, k1, std, is_f64, add);
-        return;
-    }
-    share_t sh[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
-        uint64_t lo = batches * (uint64_t)t / (uint64_t)threads * per;
-        uint64_t hi = batches * (uint64_t)(t + 1) / (uint64_t)threads * per;
-        if (hi > total) hi = total;
-        share_t *h = &sh[t];
-        *h = (share_t){pieces + 2 * (size_t)(nseg + 1) * (size_t)t, NULL, 0, start + lo, k0, k1, std, is_f64, add};
-        h->count = (int64_t *)(h->address + nseg + 1);
-        uint64_t pos = 0; /* index of segment s's first number */
-        for (Py_ssize_t s = 0; s < nseg && pos < hi; s++) {
-            uint64_t n = (uint64_t)count[s], a = pos > lo ? pos : lo, b = pos + n < hi ? pos + n : hi;
-            if (a < b) {
-                h->address[h->nseg] = address[s] + (a - pos) * size;
-                h->count[h->nseg] = (int64_t)(b - a);
-                h->nseg++;
-            }
-            pos += n;
-        }
-    }
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, share_main, &sh[t]) == 0;
-    share_main(&sh[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else share_main(&sh[t]);
-    }
-    free(pieces);
+    fill_args_t f = {address, count, nseg, start, total, k0, k1, std, is_f64, add};
+    if (threads <= 1 ||
+        over_threads(fill_share, &f, 0, (int64_t)((total + per - 1) / per), threads, sizeof(uint64_t) * 2 * (size_t)(nseg + 1)))
+        run(address, count, nseg, start, k0, k1, std, is_f64, add); /* one thread, or no memory for the shares */
 }
 
 /* ------------------------------------------------------------------ Python bindings */

@@ -511,13 +511,17 @@ def summarise(timings: dict[str, Timing], methods: list[str], errors: dict[str, 
     return out
 
 
+def _child_setup(model: str, batch_size: int):
+    """A benchmark subprocess's threads, model spec, initial state and data (as the parent's)."""
+    torch.set_num_threads(THREADS)
+    spec = MODELS[model]
+    return spec, initial_state(spec), *make_data(spec, batch_size)
+
+
 def _heap_worker(conn, model: str, method: str, batch_size: int) -> None:
     """One method in its own process (``--separate-heaps``): set up, warm up, say ``ready``,
     then run one step per index received and send back (wall s, CPU s, page faults)."""
-    torch.set_num_threads(THREADS)
-    spec = MODELS[model]
-    state = initial_state(spec)
-    dataset, batches = make_data(spec, batch_size)
+    spec, state, dataset, batches = _child_setup(model, batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -601,10 +605,7 @@ def _proc_status() -> dict[str, int]:
 
 def memory_child(model: str, method: str, batch_size: int) -> None:
     """Runs in a fresh subprocess (see ``_memory_env``); prints one JSON line."""
-    torch.set_num_threads(THREADS)
-    spec = MODELS[model]
-    state = initial_state(spec)
-    dataset, batches = make_data(spec, batch_size)
+    spec, state, dataset, batches = _child_setup(model, batch_size)
     # Module imports are a one-off cost of the process (43 MB of RSS for dpclip, 74 MB for
     # Opacus), not memory of the method's step: both libraries are imported before the baseline.
     with warnings.catch_warnings():
