@@ -140,8 +140,9 @@ def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def _ghost_sq_and_bias(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ghost norm ``||g_i^T a_i||_F^2 = <a_i a_i^T, g_i g_i^T>`` (Li et al. 2022) and, with
-    ``bias``, the bias's ``||sum_t g_it||^2 = 1^T (g_i g_i^T) 1`` from the same output-gradient
-    Gram matrix (a pass over ``[B, T, T]`` instead of over ``g [B, T, p]``): two ``[B]``.
+    ``bias``, the bias's ``||sum_t g_it||^2``: two ``[B]`` (the second None without ``bias``).
+    The bias's norm is not taken as ``1^T (g_i g_i^T) 1``: that sum of ``T^2`` products loses
+    ``eps (sum_t |g_it|)^2`` to cancellation (docs/design.md E22).
 
     Shapes: ``a [B, T, d]``, ``g [B, T, p]``. On CPU in float32 with AVX2 the C kernel
     (:func:`_gram_kernel_takes`) computes only the Gram tiles on and above the diagonal and no
@@ -153,7 +154,7 @@ def _ghost_sq_and_bias(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[to
     aa = torch.bmm(a, a.transpose(1, 2))
     gg = torch.bmm(g, g.transpose(1, 2))
     weight = torch.bmm(aa.view(B, 1, T * T), gg.view(B, T * T, 1)).view(B)
-    return weight, (gg.view(B, T * T).sum(1) if bias else None)
+    return weight, (_sq(g.sum(1)) if bias else None)
 
 
 _GRAM_MAX_T = 1024  # positions up to which the Gram kernel runs (its [T, T] scratch: 4 MB per thread)
@@ -174,24 +175,36 @@ def _gram_kernel_takes(a: torch.Tensor, g: torch.Tensor) -> bool:
     )
 
 
+def _gram_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``x [B, T, w]`` as the Gram kernel reads it, with its sample and row strides: rows of
+    ``w`` contiguous floats, apart by at least ``w``, samples by at least ``T`` rows. A view
+    that is not so (transposed, expanded) is copied first: one pass, against ``T`` passes for
+    the Grams. The stride of a dimension of size 1 is whatever torch left there, so it is
+    replaced by the one it would have if the tensor were contiguous."""
+    for attempt in range(2):
+        B, T, w = x.shape
+        s0, s1, s2 = x.stride()
+        s2 = 1 if w == 1 else s2
+        s1 = w if T == 1 else s1
+        s0 = T * s1 if B == 1 else s0
+        if s2 == 1 and s1 >= w and s0 >= (T - 1) * s1 + w:
+            return x, s0, s1
+        x = x.contiguous() if attempt == 0 else x.clone(memory_format=torch.contiguous_format)
+    raise AssertionError(f"no kernel layout for strides {x.stride()} of shape {tuple(x.shape)}")  # pragma: no cover
+
+
 def _gram_kernel(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_ghost_sq_and_bias` by dpclip/_csrc/gram.c (docs/design.md E22): per sample,
     the weighted Gram tiles on and above the diagonal, in cache; one call over the batch,
     split over the torch threads by the kernel itself. Shapes as there."""
     B, T, d = a.shape
     p = g.shape[2]
-    # the kernel reads contiguous rows, apart by at least their size (a copy of a transposed
-    # or expanded view is one pass, against T passes for the Grams)
-    if a.stride(2) != 1 or a.stride(1) < d or (B > 1 and a.stride(0) < T * a.stride(1)):
-        a = a.contiguous()
-    if g.stride(2) != 1 or g.stride(1) < p or (B > 1 and g.stride(0) < T * g.stride(1)):
-        g = g.contiguous()
+    a, sa, la = _gram_layout(a)
+    g, sg, lg = _gram_layout(g)
     out = a.new_empty(B)
     out_bias = a.new_empty(B) if bias else None
     if B:
-        sa = a.stride(0) if B > 1 else T * a.stride(1)
-        sg = g.stride(0) if B > 1 else T * g.stride(1)
-        dims = (T, d, p, sa, a.stride(1), sg, g.stride(1))
+        dims = (T, d, p, sa, la, sg, lg)
         _over_batch(lambda lo, hi, threads: _gram.gram_dot(
             a.data_ptr(), g.data_ptr(), out.data_ptr(), 0 if out_bias is None else out_bias.data_ptr(),
             lo, hi, dims, threads), B, B * T * (d + p))
