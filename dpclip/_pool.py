@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Iterator, TypeVar
 
 import torch
 
-__all__ = ["helper_pool", "in_shares", "serial", "serial_gemm", "GEMM_SERIAL_FLOPS", "SERIAL_MAX"]
+__all__ = ["helper_pool", "side_worker", "in_shares", "serial", "serial_gemm", "GEMM_SERIAL_FLOPS", "SERIAL_MAX"]
 
 T = TypeVar("T")
 
@@ -33,6 +33,17 @@ def helper_pool() -> ThreadPoolExecutor:
                                                thread_name_prefix="dpclip-helper")
             _POOL["pid"] = os.getpid()
         return _POOL["pool"]  # type: ignore[return-value]
+
+
+def side_worker() -> ThreadPoolExecutor:
+    """One worker thread for work that runs beside the caller's (the noise drawn while the
+    step's norms are computed, privacy_engine, design P13), apart from :func:`helper_pool`
+    so that it never delays a share of split work. Recreated after ``fork``."""
+    with _LOCK:
+        if _POOL.get("side_pid") != os.getpid():
+            _POOL["side"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpclip-side")
+            _POOL["side_pid"] = os.getpid()
+        return _POOL["side"]  # type: ignore[return-value]
 
 
 def in_shares(fn: Callable[[int, int], T], count: int) -> list[T]:
