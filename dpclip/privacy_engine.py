@@ -485,8 +485,9 @@ class PrivacyEngine:
             att.sums, att.norms = None, None
         entry = att.plan.pop()
         is_last, size = entry if entry is not None else (True, None)
-        ahead = self._noise_ahead(att) if is_last else None
+        ahead = None
         try:
+            ahead = self._noise_ahead(att) if is_last else None  # may refuse the step (budget)
             self._accumulate(att, size, is_last)
         except BaseException:
             if ahead is not None:

@@ -176,10 +176,18 @@ def test_max_epsilon_stops_before_the_step_that_would_exceed_it():
                 steps += 1
     assert "not taken" in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))  # the refused step moved nothing
+    assert engine._attachment.sampler.batch_size == 0  # and kept none of its captures
     assert engine.accountant.history == [(1.0, 0.25, steps)]
     assert steps > 3 and engine.get_epsilon(1e-5) <= 8.0
     one_more = RDPAccountant().step(1.0, 0.25, steps + 1)
     assert one_more.get_epsilon(1e-5) > 8.0
+    # the refused step left no captures behind: the next attempt is refused the same way
+    opt.zero_grad()
+    x, y = next(iter(loader))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(PrivacyBudgetExhausted, match="max_epsilon=8"):
+        opt.step()
+    assert engine.accountant.history == [(1.0, 0.25, steps)]
 
 
 def test_a_weighted_sampler_is_refused_with_the_reason():
