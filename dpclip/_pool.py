@@ -22,28 +22,30 @@ __all__ = ["helper_pool", "side_worker", "in_shares", "serial", "serial_gemm", "
 T = TypeVar("T")
 
 _LOCK = threading.Lock()
-_POOL: dict[str, object] = {}  # {"pid": int, "pool": ThreadPoolExecutor}: reused across steps
+_POOL: dict[str, tuple] = {}  # name -> (pid, ThreadPoolExecutor): reused across steps
+
+
+def _executor(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's executor ``name`` (``workers`` threads), created on first use and again
+    in a child after ``fork`` (the parent's threads do not exist there)."""
+    with _LOCK:
+        pid, pool = _POOL.get(name, (None, None))
+        if pid != os.getpid():
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"dpclip-{name}")
+            _POOL[name] = (os.getpid(), pool)
+        return pool  # type: ignore[return-value]
 
 
 def helper_pool() -> ThreadPoolExecutor:
     """The pool (``cpu_count - 1`` workers: the calling thread takes a share itself)."""
-    with _LOCK:
-        if _POOL.get("pid") != os.getpid():
-            _POOL["pool"] = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                               thread_name_prefix="dpclip-helper")
-            _POOL["pid"] = os.getpid()
-        return _POOL["pool"]  # type: ignore[return-value]
+    return _executor("helper", max(1, (os.cpu_count() or 2) - 1))
 
 
 def side_worker() -> ThreadPoolExecutor:
     """One worker thread for work that runs beside the caller's (the noise drawn while the
     step's norms are computed, privacy_engine, design P13), apart from :func:`helper_pool`
-    so that it never delays a share of split work. Recreated after ``fork``."""
-    with _LOCK:
-        if _POOL.get("side_pid") != os.getpid():
-            _POOL["side"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpclip-side")
-            _POOL["side_pid"] = os.getpid()
-        return _POOL["side"]  # type: ignore[return-value]
+    so that it never delays a share of split work."""
+    return _executor("side", 1)
 
 
 def in_shares(fn: Callable[[int, int], T], count: int) -> list[T]:

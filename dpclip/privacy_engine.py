@@ -491,7 +491,7 @@ class PrivacyEngine:
             self._accumulate(att, size, is_last)
         except BaseException:
             if ahead is not None:
-                ahead[0].result()  # the buffer is not reused while the draw still writes to it
+                ahead.result()  # the buffer is not reused while the draw still writes to it
             raise
         finally:
             if att.sampler is not None:
@@ -522,8 +522,8 @@ class PrivacyEngine:
         while the caller computes the norms and clipped sums (design P13): the key is drawn
         from ``att.generator`` now, which is where the step's first draw from it would come
         anyway (the controller's draws come after the gradient noise), and the kernel writes
-        the numbers ``add_normal_`` would add into a buffer kept across steps. Returns
-        ``(future, buffer, std)``, or None where the draw happens in :meth:`_release` as
+        the numbers ``add_normal_`` would add into ``att.noise_buffer``, kept across steps.
+        Returns the draw's future, or None where the draw happens in :meth:`_release` as
         before: several processes (the noise is drawn once, after the reduction), secure mode,
         no noise kernel, a non-CPU generator or parameters, mixed or half precision, or no
         noise. With a privacy budget its check comes first, so an exhausted budget raises
@@ -549,8 +549,7 @@ class PrivacyEngine:
         if att.noise_buffer is None or att.noise_buffer.numel() != n or att.noise_buffer.dtype != dtype:
             att.noise_buffer = torch.empty(n, dtype=dtype)
         key = noise_module.kernel_key(att.generator)
-        future = side_worker().submit(noise_module.kernel_fill, att.noise_buffer, key, std)
-        return future, att.noise_buffer, std
+        return side_worker().submit(noise_module.kernel_fill, att.noise_buffer, key, std)
 
     def _accumulate(self, att: _Attachment, size: int | None, is_last: bool) -> None:
         """Add this physical batch's clipped sum (and its units' norms) to the open logical batch."""
@@ -598,12 +597,9 @@ class PrivacyEngine:
 
         def add_noise(values: dict) -> dict:
             if ahead is not None:  # drawn beside the step: the same numbers add_ would add, in order
-                future, buffer, std = ahead
-                future.result()
-                if std != noise.std(sensitivity):  # pragma: no cover - both from _noise_parameters
-                    raise RuntimeError(f"the noise drawn ahead has std {std}, the step's is {noise.std(sensitivity)}")
+                ahead.result()
                 tensors = list(values.values())
-                pieces = buffer.split([t.numel() for t in tensors])
+                pieces = att.noise_buffer.split([t.numel() for t in tensors])
                 torch._foreach_add_(tensors, [piece.view_as(t).to(t.dtype) for piece, t in zip(pieces, tensors)])
                 return values
             # the sums are this step's own tensors: plain noise goes into them in place

@@ -181,16 +181,18 @@ def _gram_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     that is not so (transposed, expanded) is copied first: one pass, against ``T`` passes for
     the Grams. The stride of a dimension of size 1 is whatever torch left there, so it is
     replaced by the one it would have if the tensor were contiguous."""
-    for attempt in range(2):
-        B, T, w = x.shape
-        s0, s1, s2 = x.stride()
-        s2 = 1 if w == 1 else s2
+    def strides(t: torch.Tensor) -> tuple[bool, int, int]:
+        B, T, w = t.shape
+        s0, s1, s2 = t.stride()
         s1 = w if T == 1 else s1
         s0 = T * s1 if B == 1 else s0
-        if s2 == 1 and s1 >= w and s0 >= (T - 1) * s1 + w:
-            return x, s0, s1
-        x = x.contiguous() if attempt == 0 else x.clone(memory_format=torch.contiguous_format)
-    raise AssertionError(f"no kernel layout for strides {x.stride()} of shape {tuple(x.shape)}")  # pragma: no cover
+        return (s2 == 1 or w == 1) and s1 >= w and s0 >= (T - 1) * s1 + w, s0, s1
+
+    ok, s0, s1 = strides(x)
+    if not ok:  # a contiguous copy always has such strides
+        x = x.contiguous()
+        _, s0, s1 = strides(x)
+    return x, s0, s1
 
 
 def _gram_kernel(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
