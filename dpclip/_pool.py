@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
-__all__ = ["helper_pool", "side_worker", "in_shares", "serial", "serial_gemm", "GEMM_SERIAL_FLOPS", "SERIAL_MAX"]
+__all__ = ["helper_pool", "in_shares", "serial", "serial_gemm", "GEMM_SERIAL_FLOPS", "SERIAL_MAX"]
 
 T = TypeVar("T")
 
@@ -39,13 +38,6 @@ def _executor(name: str, workers: int) -> ThreadPoolExecutor:
 def helper_pool() -> ThreadPoolExecutor:
     """The pool (``cpu_count - 1`` workers: the calling thread takes a share itself)."""
     return _executor("helper", max(1, (os.cpu_count() or 2) - 1))
-
-
-def side_worker() -> ThreadPoolExecutor:
-    """One worker thread for work that runs beside the caller's (the noise drawn while the
-    step's norms are computed, privacy_engine, design P13), apart from :func:`helper_pool`
-    so that it never delays a share of split work."""
-    return _executor("side", 1)
 
 
 def in_shares(fn: Callable[[int, int], T], count: int) -> list[T]:
@@ -87,27 +79,38 @@ GEMM_SERIAL_FLOPS = 12_000_000
 (8.4 MFLOP) 174 and 162; 16.8 MFLOP break even (docs/design.md E19)."""
 
 
-@contextmanager
-def serial(numbers: int, device: torch.device, limit: int = SERIAL_MAX) -> Iterator[None]:
+class serial:
     """Run the block on one intra-op thread when it touches at most ``limit``
     (:data:`SERIAL_MAX`) numbers on CPU. Waking the sleeping OpenMP workers (``OMP_WAIT_POLICY=passive``, the
     engine benchmark's setting) costs more than splitting such a pass saves: W1's six
     per-sample norms took 0.63 ms on two threads and 0.18 ms on one (docs/design.md E19). The
     thread count is restored afterwards, also on an exception; values do not depend on it.
     torch's vectorised math functions (``sqrt``, ``exp``, ``log``) split even a 256-number call
-    across the threads: 58 us on two threads and 1.3 us on one."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or numbers > limit:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    across the threads: 58 us on two threads and 1.3 us on one.
+
+    A small class rather than a generator context manager: a step enters it a few dozen
+    times, and ``contextlib``'s machinery cost 1.7 us per entry against 0.5 here."""
+
+    __slots__ = ("_threads",)
+
+    def __init__(self, numbers: int, device: torch.device, limit: int = SERIAL_MAX) -> None:
+        threads = 0
+        if numbers <= limit and device.type == "cpu":
+            threads = torch.get_num_threads()
+            if threads <= 1:
+                threads = 0
+        self._threads = threads  # 0: nothing to change
+
+    def __enter__(self) -> None:
+        if self._threads:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)
 
 
-def serial_gemm(flops: int, device: torch.device) -> ContextManager[None]:
+def serial_gemm(flops: int, device: torch.device) -> serial:
     """:func:`serial` for a matrix product of ``flops`` floating-point operations (``2 m n k``):
     one thread up to :data:`GEMM_SERIAL_FLOPS`."""
     return serial(flops, device, limit=GEMM_SERIAL_FLOPS)

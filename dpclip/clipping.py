@@ -19,9 +19,15 @@ __all__ = ["FlatClipping", "PerLayerClipping", "AutomaticClipping", "clip_factor
 
 def clip_factor(norms: torch.Tensor, max_norm: torch.Tensor | float) -> torch.Tensor:
     """``min(1, max_norm / norm)``, exactly 1 at norm 0 and for ``max_norm = inf`` (shape of ``norms``)."""
-    max_norm = torch.as_tensor(max_norm, dtype=norms.dtype, device=norms.device)
-    safe = torch.where(norms > max_norm, norms, torch.ones_like(norms))
-    return torch.where(norms > max_norm, max_norm / safe, torch.ones_like(norms))
+    if not isinstance(max_norm, torch.Tensor):
+        if math.isinf(max_norm):
+            return torch.ones_like(norms)
+        # C / max(norm, C): exactly 1 up to the bound (C / C), and two passes over [B, G]
+        bound = torch.as_tensor(float(max_norm), dtype=norms.dtype, device=norms.device)
+        return torch.div(bound, norms.clamp_min(bound))
+    max_norm = max_norm.to(dtype=norms.dtype, device=norms.device)
+    over = norms > max_norm
+    return torch.where(over, max_norm / torch.where(over, norms, 1.0), 1.0).to(norms.dtype)
 
 
 def _check_norm(name: str, value: float) -> float:

@@ -49,10 +49,7 @@ try:  # the CPU noise kernel (dpclip/_csrc/gauss.c); absent when the install had
 except ImportError:  # pragma: no cover - depends on the build
     _gauss = None
 
-__all__ = [
-    "GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "kernel_fill", "kernel_key",
-    "noise_kernel", "secure_generator",
-]
+__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "noise_kernel", "secure_generator"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -253,30 +250,16 @@ def _kernel_draw(dests: list[torch.Tensor], std: float, generator: torch.Generat
     n = sum(t.numel() for t in live)
     if n == 0:
         return
-    key = kernel_key(generator)
+    key = _kernel_key(generator)
     threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
     _gauss.fill([t.data_ptr() for t in live], [t.numel() for t in live], 0, key, std,
                 dests[0].dtype == torch.float64, add, threads)
 
 
-def kernel_key(generator: torch.Generator) -> int:
-    """The 64-bit key of one kernel draw: one ``randint`` from ``generator``, as
-    :func:`add_normal_` and :func:`fill_normal` take it on the kernel's path."""
+def _kernel_key(generator: torch.Generator) -> int:
+    """The 64-bit key of one kernel draw: one ``randint`` from ``generator``."""
     key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
     return key & ((1 << 64) - 1)
-
-
-def kernel_fill(flat: torch.Tensor, key: int, std: float) -> None:
-    """Write numbers ``0 .. n-1`` of the kernel's stream for ``key``, times ``std``, into the
-    contiguous 1-D CPU float32/float64 tensor ``flat [n]``, on the calling thread (the GIL is
-    released meanwhile). With the key from :func:`kernel_key` these are exactly the numbers
-    :func:`add_normal_` would add over tensors of ``n`` numbers in all (design P13)."""
-    if _gauss is None:  # pragma: no cover - callers check noise_kernel() first
-        raise RuntimeError("dpclip was installed without the noise kernel")
-    if flat.dim() != 1 or not flat.is_contiguous() or flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"kernel_fill: need a contiguous 1-D CPU float32/float64 tensor, got {flat.dtype} {tuple(flat.shape)} on {flat.device}")
-    if flat.numel():
-        _gauss.fill([flat.data_ptr()], [flat.numel()], 0, key, std, flat.dtype == torch.float64, False, 1)
 
 
 def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:

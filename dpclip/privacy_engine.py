@@ -47,7 +47,6 @@ from .controllers import gradient_noise_multiplier, release_statistics
 from .grad_sample.bookkeeping import clip_and_sum
 from .grad_sample.hooks import GradSampler
 from . import distributed
-from ._pool import side_worker
 from .noise import GaussianNoise
 from .sampling import LogicalBatchSampler, PoissonBatchSampler, StepPlan, empty_batch_collate, loader_like
 from .validate import problems as model_problems
@@ -111,7 +110,6 @@ class _Attachment:
     budget_steps_left: int | None = None
     budget_sigma: float | None = None
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
-    noise_buffer: torch.Tensor | None = None  # the noise drawn beside the step (P13), reused
     rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
     world_size: int = 1
 
@@ -485,14 +483,8 @@ class PrivacyEngine:
             att.sums, att.norms = None, None
         entry = att.plan.pop()
         is_last, size = entry if entry is not None else (True, None)
-        ahead = None
         try:
-            ahead = self._noise_ahead(att) if is_last else None  # may refuse the step (budget)
             self._accumulate(att, size, is_last)
-        except BaseException:
-            if ahead is not None:
-                ahead.result()  # the buffer is not reused while the draw still writes to it
-            raise
         finally:
             if att.sampler is not None:
                 att.sampler.clear()
@@ -502,7 +494,7 @@ class PrivacyEngine:
             return
         sums, norms = att.sums, att.norms
         att.sums, att.norms = None, None
-        self._release(att, sums or {}, norms, ahead)
+        self._release(att, sums or {}, norms)
 
     def _noise_parameters(self, att: _Attachment) -> tuple[float, float, float]:
         """``(sigma, sigma_grad, sensitivity)`` of this step: the multiplier the accountant
@@ -516,40 +508,6 @@ class PrivacyEngine:
             sigma_c = att.controller.statistics_noise_multiplier(att.expected_units)
         sensitivity = att.sensitivity / att.expected_units if att.divided else att.sensitivity
         return sigma, gradient_noise_multiplier(sigma, sigma_c), sensitivity
-
-    def _noise_ahead(self, att: _Attachment):
-        """Start drawing this step's gradient noise on :func:`~dpclip._pool.side_worker`
-        while the caller computes the norms and clipped sums (design P13): the key is drawn
-        from ``att.generator`` now, which is where the step's first draw from it would come
-        anyway (the controller's draws come after the gradient noise), and the kernel writes
-        the numbers ``add_normal_`` would add into ``att.noise_buffer``, kept across steps.
-        Returns the draw's future, or None where the draw happens in :meth:`_release` as
-        before: several processes (the noise is drawn once, after the reduction), secure mode,
-        no noise kernel, a non-CPU generator or parameters, mixed or half precision, or no
-        noise. With a privacy budget its check comes first, so an exhausted budget raises
-        before any work and before the key is drawn, as it would have at the release."""
-        if (
-            att.world_size != 1
-            or att.secure
-            or noise_module.noise_kernel() is None
-            or att.generator.device.type != "cpu"
-        ):
-            return None
-        dtypes = {p.dtype for p in att.params}
-        if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64} or any(p.device.type != "cpu" for p in att.params):
-            return None
-        sigma, sigma_grad, sensitivity = self._noise_parameters(att)
-        if att.max_epsilon is not None:
-            self._check_budget(att, sigma)
-        std = GaussianNoise(sigma_grad).std(sensitivity)
-        if std == 0.0:
-            return None
-        n = sum(p.numel() for p in att.params)
-        dtype = next(iter(dtypes))
-        if att.noise_buffer is None or att.noise_buffer.numel() != n or att.noise_buffer.dtype != dtype:
-            att.noise_buffer = torch.empty(n, dtype=dtype)
-        key = noise_module.kernel_key(att.generator)
-        return side_worker().submit(noise_module.kernel_fill, att.noise_buffer, key, std)
 
     def _accumulate(self, att: _Attachment, size: int | None, is_last: bool) -> None:
         """Add this physical batch's clipped sum (and its units' norms) to the open logical batch."""
@@ -584,9 +542,8 @@ class PrivacyEngine:
         if att.controller is not None and att.clipping != "automatic":  # only a controller reads norms
             att.norms = (att.norms or []) + [norms.detach()]
 
-    def _release(self, att: _Attachment, sums: dict, norms: list[torch.Tensor] | None, ahead=None) -> None:
-        """Noise, scaling, the optimizer's gradient, the controller and the accountant: one
-        logical step. ``ahead``: the noise drawn beside the step by :meth:`_noise_ahead`."""
+    def _release(self, att: _Attachment, sums: dict, norms: list[torch.Tensor] | None) -> None:
+        """Noise, scaling, the optimizer's gradient, the controller and the accountant: one logical step."""
         sigma, sigma_grad, sensitivity = self._noise_parameters(att)
         if att.max_epsilon is not None:
             self._check_budget(att, sigma)
@@ -596,12 +553,6 @@ class PrivacyEngine:
         noise = noise_cls(sigma_grad)
 
         def add_noise(values: dict) -> dict:
-            if ahead is not None:  # drawn beside the step: the same numbers add_ would add, in order
-                ahead.result()
-                tensors = list(values.values())
-                pieces = att.noise_buffer.split([t.numel() for t in tensors])
-                torch._foreach_add_(tensors, [piece.view_as(t).to(t.dtype) for piece, t in zip(pieces, tensors)])
-                return values
             # the sums are this step's own tensors: plain noise goes into them in place
             if isinstance(noise, GaussianNoise):
                 return noise.add_(values, sensitivity, att.generator)

@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from accountants import PRVAccountant
-from dpclip import noise as noise_module
 from dpclip.controllers import Quantile
 from dpclip.privacy_engine import NotPoissonSampledError, PrivacyEngine, make_private
 from tests.oracles import per_sample_grads_loop
@@ -329,90 +328,3 @@ def test_make_private_with_epsilon_refuses_shuffled_batches():
             data_loader=DataLoader(_data(64), batch_size=16), target_epsilon=2.0, target_delta=1e-5,
             epochs=3, max_grad_norm=1.0, poisson_sampling=False,
         )
-
-
-needs_noise_kernel = pytest.mark.skipif(noise_module.noise_kernel() is None, reason="dpclip was installed without the noise kernel")
-
-
-def _ahead_run(clipping: str, dtype: torch.dtype, steps: int = 4, **kwargs) -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    data = TensorDataset(*(t.to(dtype) if t.is_floating_point() else t for t in _data(40).tensors))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(
-        module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=8), noise_multiplier=0.7,
-        clipping=clipping, generator=torch.Generator().manual_seed(3), **kwargs,
-    )
-    for k, (x, y) in zip(range(steps), loader):
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()], engine.steps
-
-
-@needs_noise_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "clipping,kwargs",
-    [
-        ("flat", {"max_grad_norm": 1.0}),
-        ("per_layer", {"max_grad_norm": [0.5, 0.5, 0.5, 0.5]}),
-        ("adaptive_layerwise", {"max_grad_norm": [0.5] * 4, "clip_controller": Quantile(count_noise_multiplier=5.0)}),
-        ("batch", {"max_grad_norm": 1.0, "batch_clip_size": 2}),
-        ("flat", {"max_grad_norm": 1.0, "max_epsilon": 50.0, "target_delta": 1e-5}),
-    ],
-)
-def test_noise_drawn_ahead_equals_the_noise_drawn_at_the_release(clipping, kwargs, dtype, monkeypatch):
-    """Design P13: the noise drawn beside the step gives bit for bit the updates of the noise
-    drawn at the release, over several Poisson steps, so the generator's later draws (a
-    controller's count noise included) stay in step; and the draw ahead is what ran."""
-    fills = []
-    real_fill = noise_module.kernel_fill
-    monkeypatch.setattr(noise_module, "kernel_fill", lambda *a: fills.append(1) or real_fill(*a))
-    ahead, steps = _ahead_run(clipping, dtype, **kwargs)
-    assert steps >= 1 and len(fills) == steps  # one draw per released (logical) step
-    with monkeypatch.context() as mp:
-        mp.setattr(PrivacyEngine, "_noise_ahead", lambda self, att: None)
-        at_release, steps_again = _ahead_run(clipping, dtype, **kwargs)
-    assert steps_again == steps and len(fills) == steps
-    for a, b in zip(ahead, at_release):
-        assert torch.equal(a, b)
-
-
-@needs_noise_kernel
-def test_a_step_that_raises_waits_for_the_noise_drawn_ahead(monkeypatch):
-    """A step whose clipping raises returns only once the draw ahead has finished writing its
-    buffer (the next step reuses it), and training goes on afterwards."""
-    import time as _time
-
-    import dpclip.privacy_engine as pe_module
-
-    done = []
-    real_fill = noise_module.kernel_fill
-
-    def slow_fill(*args):
-        _time.sleep(0.2)
-        real_fill(*args)
-        done.append(True)
-
-    monkeypatch.setattr(noise_module, "kernel_fill", slow_fill)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model, opt, loader = PrivacyEngine().make_private(
-        module=model, optimizer=opt, data_loader=DataLoader(_data(), batch_size=8), noise_multiplier=1.0,
-        max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
-    )
-    x, y = next(iter(loader))
-    real_clip = pe_module.clip_and_sum
-    with monkeypatch.context() as mp:
-        mp.setattr(pe_module, "clip_and_sum", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("clipping failed")))
-        nn.functional.cross_entropy(model(x), y).backward()
-        with pytest.raises(RuntimeError, match="clipping failed"):
-            opt.step()
-        assert done == [True]  # waited for the draw before the exception left the step
-    assert pe_module.clip_and_sum is real_clip
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    assert len(done) == 2 and all(p.grad is not None for p in model.parameters())

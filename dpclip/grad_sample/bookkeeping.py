@@ -73,31 +73,37 @@ def clip_and_sum(
             f"(shapes {missing}); every trainable parameter must be clipped"
         )
 
-    sq = sampler.per_sample_sq_norms()
-    batch = sampler.batch_size
-    ref = next(iter(sq.values()), None)
-    dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-    device = ref.device if ref is not None else torch.device("cpu")
-    for t in sq.values():
-        dtype = torch.promote_types(dtype, t.dtype)
-    columns = []
-    for group in groups:
-        total = torch.zeros(batch, dtype=dtype, device=device)
-        for p in group:
-            total = total + sq[p].to(device=device, dtype=dtype)
-        columns.append(total)
-    with serial(batch * max(1, len(columns)), device):  # tiny: waking the workers costs more (E19)
-        norms = (
-            torch.stack(columns, dim=1)
-            if columns
-            else torch.zeros(batch, 0, dtype=dtype, device=device)
-        ).clamp_min(0).sqrt()
-        scales = clipper(norms)
-    if tuple(scales.shape) != tuple(norms.shape):
-        raise ValueError(
-            f"clip_and_sum: the clipper returned scales of shape {tuple(scales.shape)} for "
-            f"norms of shape {tuple(norms.shape)}"
-        )
-    factors = scales * scale if scale != 1.0 else scales
-    per_param = {p: factors[:, group_of[id(p)]] for group in groups for p in group}
-    return sampler.clipped_sums(per_param), norms
+    def scales_for(sq: dict, batch: int, factor: float):
+        ref = next(iter(sq.values()), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        device = ref.device if ref is not None else torch.device("cpu")
+        for t in sq.values():
+            dtype = torch.promote_types(dtype, t.dtype)
+        with serial(batch * max(1, len(groups)), device):  # tiny: waking the workers costs more (E19)
+            columns = []
+            for group in groups:
+                parts = [sq[p] if sq[p].dtype == dtype else sq[p].to(dtype) for p in group if p in sq]
+                if not parts:
+                    columns.append(torch.zeros(batch, dtype=dtype, device=device))
+                else:
+                    columns.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
+            if not columns:
+                norms = torch.zeros(batch, 0, dtype=dtype, device=device)
+            else:
+                # the factor on the norms, not on every parameter's squared norms
+                norms = torch.stack(columns, dim=1).clamp_min_(0).sqrt_()
+                if factor != 1.0:
+                    norms.mul_(factor)
+            scales = clipper(norms)
+            if tuple(scales.shape) != tuple(norms.shape):
+                raise ValueError(
+                    f"clip_and_sum: the clipper returned scales of shape {tuple(scales.shape)} for "
+                    f"norms of shape {tuple(norms.shape)}"
+                )
+            # the loss factor and the constant scale ride on the [B, G] scales, once
+            total = scale * factor
+            factors = scales * total if total != 1.0 else scales
+            by_group = [factors[:, k] for k in range(len(groups))]
+        return {p: by_group[group_of[id(p)]] for p in params}, norms
+
+    return sampler.bookkeep(scales_for)

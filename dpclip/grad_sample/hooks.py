@@ -69,7 +69,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -790,12 +790,69 @@ class GradSampler:
         active = self._active_calls()
         batch = self._batch_size(active)
         factor2 = self._factor(batch) ** 2
+        out = self._sq_norms(active, batch)
+        return {
+            p: (out[p] * factor2 if p in out else p.new_zeros((batch,)))
+            for p in self.parameters
+        }
+
+    def clipped_sums(self, scales: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+        """``{parameter: sum_i scales[parameter][i] * g_i}`` for each parameter in ``scales``.
+
+        Book-keeping (one contraction of the scaled output gradients with the activations) for
+        rule units; the weighted sum of materialised per-sample gradients for fallback units.
+        Linear in ``g_i``, so a parameter used several times is the sum over its uses.
+        """
+        known = {id(p) for p in self.parameters}
+        unknown = [p for p in scales if id(p) not in known]
+        if unknown:
+            raise KeyError(
+                f"clipped_sums: {len(unknown)} parameter(s) in scales are not covered by any "
+                f"unit (shapes {[tuple(p.shape) for p in unknown]})"
+            )
+        active = self._active_calls()
+        batch = self._batch_size(active)
+        for p, s in scales.items():
+            if tuple(s.shape) != (batch,):
+                raise ValueError(
+                    f"clipped_sums: scales must have shape [B] = [{batch}], got {tuple(s.shape)} "
+                    f"for a parameter of shape {tuple(p.shape)}"
+                )
+        factor = self._factor(batch)
+        if factor != 1.0:
+            # the loss-reduction factor goes into the [B] scales, not over every summed entry
+            scales = {p: s * factor for p, s in scales.items()}
+        return self._clipped_sums(active, batch, scales)
+
+    def bookkeep(self, scales_for: Callable[[dict, int, float], tuple[dict, Any]]) -> tuple[dict, Any]:
+        """One book-keeping pass (Bu et al. 2023): the squared norms, the scales, the clipped sums.
+
+        ``scales_for(sq, batch, factor)`` gets ``sq = {parameter: [B]}``, the squared norms
+        of the per-sample gradients *of the summed loss* divided by ``factor ** 2`` (``factor``
+        is ``B`` for ``loss_reduction="mean"``, else 1: the gradients are those of the loss as
+        given, so the norms the clipping reads are ``factor * sqrt(sq)``); a parameter
+        without a gradient this round is absent. It returns ``(scales, extra)`` with
+        ``scales = {parameter: [B]}`` that *already include* ``factor``. Returns
+        ``({parameter: sum_i scales[parameter][i] * g_i}, extra)``, ``g_i`` the per-sample
+        gradients as given (loss as given). The same as :meth:`per_sample_sq_norms` then
+        :meth:`clipped_sums`, with the captures looked up once and no pass over the ``[B]``
+        norms for the factor."""
+        active = self._active_calls()
+        batch = self._batch_size(active)
+        scales, extra = scales_for(self._sq_norms(active, batch), batch, self._factor(batch))
+        return self._clipped_sums(active, batch, scales), extra
+
+    def _sq_norms(self, active: list[list[_Call]], batch: int) -> dict[nn.Parameter, torch.Tensor]:
+        """``{parameter: [B]}`` squared per-sample norms of the parameters with a gradient, for
+        the per-sample losses as the loss gives them (not multiplied by the factor)."""
         uses = self._uses(active)
         out: dict[nn.Parameter, torch.Tensor] = {}
         shared: dict[nn.Parameter, torch.Tensor] = {}  # summed per-sample grads, multi-use
         uses_of: dict[nn.Parameter, list] = {}  # multi-use parameter -> [(unit, call, name)]
         with torch.no_grad():
             for unit, calls in zip(self.units, active):
+                if not calls:
+                    continue
                 single = [(n, p) for n, p in unit.params if uses[id(p)] == 1]
                 multi = [(n, p) for n, p in unit.params if uses[id(p)] > 1]
                 for call in calls:
@@ -839,40 +896,17 @@ class GradSampler:
                         _accumulate(shared, p, grads[n])
             for p, g in shared.items():
                 out[p] = _sq(g)
-            return {
-                p: (out[p] * factor2 if p in out else p.new_zeros((batch,)))
-                for p in self.parameters
-            }
+        return out
 
-    def clipped_sums(self, scales: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
-        """``{parameter: sum_i scales[parameter][i] * g_i}`` for each parameter in ``scales``.
-
-        Book-keeping (one contraction of the scaled output gradients with the activations) for
-        rule units; the weighted sum of materialised per-sample gradients for fallback units.
-        Linear in ``g_i``, so a parameter used several times is the sum over its uses.
-        """
-        known = {id(p) for p in self.parameters}
-        unknown = [p for p in scales if id(p) not in known]
-        if unknown:
-            raise KeyError(
-                f"clipped_sums: {len(unknown)} parameter(s) in scales are not covered by any "
-                f"unit (shapes {[tuple(p.shape) for p in unknown]})"
-            )
-        active = self._active_calls()
-        batch = self._batch_size(active)
-        factor = self._factor(batch)
-        for p, s in scales.items():
-            if tuple(s.shape) != (batch,):
-                raise ValueError(
-                    f"clipped_sums: scales must have shape [B] = [{batch}], got {tuple(s.shape)} "
-                    f"for a parameter of shape {tuple(p.shape)}"
-                )
-        if factor != 1.0:
-            # the loss-reduction factor goes into the [B] scales, not over every summed entry
-            scales = {p: s * factor for p, s in scales.items()}
+    def _clipped_sums(
+        self, active: list[list[_Call]], batch: int, scales: dict[nn.Parameter, torch.Tensor]
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """:meth:`clipped_sums` with ``scales`` checked and already multiplied by the factor."""
         out: dict[nn.Parameter, torch.Tensor] = {}
         with torch.no_grad():
             for unit, calls in zip(self.units, active):
+                if not calls:
+                    continue
                 wanted = [(n, p) for n, p in unit.params if p in scales]
                 if not wanted:
                     continue

@@ -277,6 +277,18 @@ def _linear_plan(module: nn.Linear, activations, backprops) -> bool:
 
 @torch.no_grad()
 def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
+    if activations.dim() == 2 and not _ghost_overridden():
+        # one position (an MLP): ||g a^T||^2 = |a|^2 |g|^2, and |g|^2 is the bias's; four
+        # small passes on one thread, no reshapes (a step does this per layer, E19)
+        g = backprops.to(activations.dtype)
+        out: Grads = {}
+        with _serial(g.numel() + activations.numel(), g.device):
+            g_sq = torch.linalg.vector_norm(g, dim=1).square_()
+            if _trainable(module, "weight"):
+                out["weight"] = torch.linalg.vector_norm(activations, dim=1).square_().mul_(g_sq)
+        if _trainable(module, "bias"):
+            out["bias"] = g_sq
+        return out
     a, g = _linear_flat(activations, backprops)
     out: Grads = {}
     T = a.shape[1]
@@ -301,17 +313,21 @@ def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
 
 @torch.no_grad()
 def _linear_clipped(module: nn.Linear, activations, backprops, scales) -> Grads:
-    a, g = _linear_flat(activations, backprops)
-    B, T, d = a.shape
-    p = g.shape[-1]
-    g2 = g.reshape(B * T, p)
+    if activations.dim() == 2:  # one position: no reshapes
+        a2, g2 = activations, backprops.to(activations.dtype)
+        B, d = a2.shape
+        T, a, g = 1, a2, g2
+    else:
+        a, g = _linear_flat(activations, backprops)
+        B, T, d = a.shape
+        a2, g2 = a.reshape(B * T, d), g.reshape(B * T, g.shape[-1])
+    p = g2.shape[-1]
     out: Grads = {}
     weight, bias = _trainable(module, "weight"), _trainable(module, "bias")
     if weight:
         s = _scale(scales, "weight", g)
         if T > 1:
             s = s.repeat_interleave(T)
-        a2 = a.reshape(B * T, d)
         # scale the narrower operand: one pass over B T min(d, p) numbers, then one GEMM
         if d <= p and T > 1 and bias:
             # the bias rides in the same GEMM as a column of its scales after the scaled
