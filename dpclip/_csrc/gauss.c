@@ -142,29 +142,38 @@ static inline void mulhilo_avx512(__m512i c, __m512i m, __m512i *hi, __m512i *lo
     *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
 static void philox_avx512(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *out) {
+    /* the four 16-block vectors of a batch side by side: four independent chains per round,
+     * so the multiplies of one hide the latency of another's */
     const __m512i m0 = _mm512_set1_epi32((int)PH_M0), m1 = _mm512_set1_epi32((int)PH_M1);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int g = 0; g < BLK; g += 16) {
-        uint64_t b = first + (uint64_t)g;
-        __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)b), lane);
-        __m512i c1 = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
-        __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-        uint32_t ka = k0, kb = k1;
-        for (int r = 0; r < 10; r++) {
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    for (int v = 0; v < 4; v++) {
+        uint64_t b = first + (uint64_t)(16 * v);
+        c0[v] = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)b), lane);
+        c1[v] = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
+        c2[v] = _mm512_setzero_si512();
+        c3[v] = _mm512_setzero_si512();
+    }
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < 10; r++) {
+        const __m512i kav = _mm512_set1_epi32((int)ka), kbv = _mm512_set1_epi32((int)kb);
+        for (int v = 0; v < 4; v++) {
             __m512i h0, l0, h1, l1;
-            mulhilo_avx512(c0, m0, &h0, &l0);
-            mulhilo_avx512(c2, m1, &h1, &l1);
-            c0 = _mm512_xor_si512(_mm512_xor_si512(h1, c1), _mm512_set1_epi32((int)ka));
-            c1 = l1;
-            c2 = _mm512_xor_si512(_mm512_xor_si512(h0, c3), _mm512_set1_epi32((int)kb));
-            c3 = l0;
-            ka += PH_W0;
-            kb += PH_W1;
+            mulhilo_avx512(c0[v], m0, &h0, &l0);
+            mulhilo_avx512(c2[v], m1, &h1, &l1);
+            c0[v] = _mm512_ternarylogic_epi32(h1, c1[v], kav, 0x96);
+            c1[v] = l1;
+            c2[v] = _mm512_ternarylogic_epi32(h0, c3[v], kbv, 0x96);
+            c3[v] = l0;
         }
-        _mm512_storeu_si512((void *)(out + g), c0);
-        _mm512_storeu_si512((void *)(out + BLK + g), c1);
-        _mm512_storeu_si512((void *)(out + 2 * BLK + g), c2);
-        _mm512_storeu_si512((void *)(out + 3 * BLK + g), c3);
+        ka += PH_W0;
+        kb += PH_W1;
+    }
+    for (int v = 0; v < 4; v++) {
+        _mm512_storeu_si512((void *)(out + 16 * v), c0[v]);
+        _mm512_storeu_si512((void *)(out + BLK + 16 * v), c1[v]);
+        _mm512_storeu_si512((void *)(out + 2 * BLK + 16 * v), c2[v]);
+        _mm512_storeu_si512((void *)(out + 3 * BLK + 16 * v), c3[v]);
     }
 }
 #define SUFFIX avx512
