@@ -290,8 +290,11 @@ static void run_threads(const uint64_t *address, const int64_t *count, Py_ssize_
     for (Py_ssize_t s = 0; s < nseg; s++) total += (uint64_t)count[s];
     const uint64_t per = is_f64 ? WORDS / 2 : WORDS;
     fill_args_t f = {address, count, nseg, start, total, k0, k1, std, is_f64, add};
+    const int64_t batches = (int64_t)((total + per - 1) / per);
+    int64_t chunk = batches / (8 * (int64_t)(threads > 0 ? threads : 1)); /* about eight per thread */
+    if (chunk < 1) chunk = 1;
     if (threads <= 1 ||
-        over_threads(fill_share, &f, 0, (int64_t)((total + per - 1) / per), threads, sizeof(uint64_t) * 2 * (size_t)(nseg + 1)))
+        over_threads_chunked(fill_share, &f, 0, batches, threads, sizeof(uint64_t) * 2 * (size_t)(nseg + 1), chunk))
         run(address, count, nseg, start, k0, k1, std, is_f64, add); /* one thread, or no memory for the shares */
 }
 

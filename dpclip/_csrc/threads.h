@@ -1,11 +1,12 @@
 /* dpclip/_csrc/threads.h: run a kernel over a range of samples on POSIX threads of its own.
  *
- * over_threads(fn, ctx, b0, b1, threads, scratch_bytes) runs fn over samples b0 .. b1-1 on the
- * calling thread and threads - 1 threads started for the call (at most one per sample), each
- * with its own `scratch_bytes` of scratch, calling fn(ctx, lo, hi, scratch) on contiguous
- * chunks that the threads claim from a shared counter, and joins them. A thread that cannot be
- * started leaves its chunks to the others. Callers write each sample's results to its own
- * place, so values do not depend on the split. Nothing outlives the call.
+ * over_threads_chunked(fn, ctx, b0, b1, threads, scratch_bytes, chunk) runs fn over samples
+ * b0 .. b1-1 on the calling thread and threads - 1 threads started for the call (at most one
+ * per sample), each with its own `scratch_bytes` of scratch, calling fn(ctx, lo, hi, scratch)
+ * on contiguous chunks of `chunk` samples that the threads claim from a shared counter, and
+ * joins them. A thread that cannot be started leaves its chunks to the others. Callers write
+ * each sample's results to its own place, so values do not depend on the split. Nothing
+ * outlives the call. over_threads(...) gives each thread one fixed contiguous share instead.
  *
  * Why (docs/design.md P12): the Python thread pool's hand-off to a sleeping worker and back
  * cost 0.1-0.3 ms per kernel call here, against tens of microseconds to start a thread.
@@ -22,9 +23,11 @@
 
 typedef void (*dpclip_range_fn)(void *ctx, int64_t lo, int64_t hi, void *scratch);
 
-/* The samples are handed out in chunks from a shared counter, so a thread that starts late
- * (the other core busy for a moment) or runs slower takes fewer chunks instead of holding up
- * the join with a fixed half. */
+/* Chunks from a shared counter: a thread that starts late (the other core busy for a moment)
+ * or runs slower takes fewer chunks instead of holding up the join with a fixed half. Used by
+ * the noise fill, whose chunks are independent batches of the stream. The per-sample kernels
+ * keep fixed halves (over_threads below): W3's step was 7-15% slower with claimed chunks
+ * (measured in separate processes; the cause is not pinned down). */
 typedef struct {
     dpclip_range_fn fn;
     void *ctx;
@@ -37,7 +40,7 @@ typedef struct {
     void *scratch;
 } dpclip_share_t;
 
-static void *dpclip_share_main(void *arg) {
+static inline void *dpclip_share_main(void *arg) {
     dpclip_share_t *s = (dpclip_share_t *)arg;
     dpclip_work_t *w = s->work;
     for (;;) {
@@ -49,7 +52,8 @@ static void *dpclip_share_main(void *arg) {
     return NULL;
 }
 
-static int over_threads(dpclip_range_fn fn, void *ctx, int64_t b0, int64_t b1, int threads, size_t scratch_bytes) {
+static inline int over_threads_chunked(dpclip_range_fn fn, void *ctx, int64_t b0, int64_t b1, int threads, size_t scratch_bytes,
+                                int64_t chunk) {
     int64_t n = b1 - b0;
     if (threads > DPCLIP_MAX_THREADS) threads = DPCLIP_MAX_THREADS;
     if (threads > n) threads = (int)n;
@@ -57,9 +61,7 @@ static int over_threads(dpclip_range_fn fn, void *ctx, int64_t b0, int64_t b1, i
     size_t each = (scratch_bytes + 63) / 64 * 64;
     char *scratch = malloc(each * (size_t)threads + 64);
     if (scratch == NULL) return -1;
-    /* about eight chunks per thread: fine enough to balance, coarse enough that claiming one
-     * costs nothing next to running it */
-    int64_t chunk = threads > 1 ? n / ((int64_t)threads * 8) : n;
+    if (chunk <= 0 || threads == 1) chunk = (n + threads - 1) / threads; /* one share per thread */
     dpclip_work_t work = {fn, ctx, b0, b1, chunk > 0 ? chunk : 1};
     dpclip_share_t share[DPCLIP_MAX_THREADS];
     pthread_t tid[DPCLIP_MAX_THREADS];
@@ -70,6 +72,44 @@ static int over_threads(dpclip_range_fn fn, void *ctx, int64_t b0, int64_t b1, i
     for (int t = 1; t < threads; t++)
         if (started[t]) pthread_join(tid[t], NULL);
     return free(scratch), 0;
+}
+
+/* One fixed contiguous share per thread, share 0 on the caller: the per-sample kernels (a
+ * late-starting thread still runs its own half, in parallel). */
+typedef struct {
+    dpclip_range_fn fn;
+    void *ctx;
+    int64_t lo, hi;
+    void *scratch;
+} dpclip_half_t;
+
+static inline void *dpclip_half_main(void *arg) {
+    dpclip_half_t *s = (dpclip_half_t *)arg;
+    if (s->lo < s->hi) s->fn(s->ctx, s->lo, s->hi, s->scratch);
+    return NULL;
+}
+
+static inline int over_threads(dpclip_range_fn fn, void *ctx, int64_t b0, int64_t b1, int threads, size_t scratch_bytes) {
+    int64_t n = b1 - b0;
+    if (threads > DPCLIP_MAX_THREADS) threads = DPCLIP_MAX_THREADS;
+    if (threads > n) threads = (int)n;
+    if (threads < 1) threads = 1;
+    size_t each = (scratch_bytes + 63) / 64 * 64;
+    char *scratch = malloc(each * (size_t)threads + 64);
+    if (scratch == NULL) return -1;
+    dpclip_half_t share[DPCLIP_MAX_THREADS];
+    pthread_t tid[DPCLIP_MAX_THREADS];
+    int started[DPCLIP_MAX_THREADS];
+    for (int t = 0; t < threads; t++)
+        share[t] = (dpclip_half_t){fn, ctx, b0 + n * t / threads, b0 + n * (t + 1) / threads, scratch + each * (size_t)t};
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, dpclip_half_main, &share[t]) == 0;
+    dpclip_half_main(&share[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else dpclip_half_main(&share[t]);
+    }
+    free(scratch);
+    return 0;
 }
 
 #endif
