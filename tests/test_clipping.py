@@ -29,6 +29,20 @@ def test_clipped_norms_never_exceed_the_bound():
     assert torch.all(norms * auto(norms) < 1) and auto.sensitivity == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bound", [1e-3, 0.7, 1.0, 3.0])
+def test_clip_factor_is_the_exact_quotient(dtype, bound):
+    """min(1, C / n) as one rounded division (not C times a rounded reciprocal), exactly 1 up
+    to the bound, the same for a float bound and a tensor of bounds."""
+    norms = torch.cat([torch.rand(500, 1, dtype=dtype) * 4 * bound, torch.tensor([[0.0], [bound], [math.inf]], dtype=dtype)])
+    got = clip_factor(norms, bound)
+    c = torch.tensor(bound, dtype=dtype)
+    want = torch.where(norms > c, c / norms, torch.ones_like(norms))
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(clip_factor(norms, torch.tensor([bound], dtype=dtype)), want)
+    assert got[-3:].flatten().tolist() == [1.0, 1.0, 0.0]
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_bad_bounds(bad):
     with pytest.raises(ValueError, match="max_grad_norm"):

@@ -464,6 +464,37 @@ def test_clip_and_sum(case, loss):
             torch.testing.assert_close(sums[p], want[p], **TOL)
 
 
+@pytest.mark.parametrize("case", ["mlp", "cnn", "tied"])
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_bookkeep_is_the_norms_then_the_clipped_sums(case, loss):
+    """GradSampler.bookkeep hands its callback the squared norms without the loss factor
+    (and the factor), and sums with scales that already include it: the same as
+    per_sample_sq_norms() then clipped_sums(scales / factor)."""
+    make, data = CASES[case]
+    model = randomise(make())
+    x, y = data(5)
+    with run(model, x, y, loss=loss) as gs:
+        want_sq = gs.per_sample_sq_norms()
+        seen = {}
+
+        def scales_for(sq, batch, factor):
+            seen.update(batch=batch, factor=factor)
+            assert set(map(id, sq)) <= set(map(id, gs.parameters))
+            for p in gs.parameters:
+                got = sq[p] * factor**2 if p in sq else torch.zeros(batch, dtype=x.dtype)
+                torch.testing.assert_close(got, want_sq[p], rtol=1e-12, atol=1e-12)
+            scales = {p: torch.linspace(0.1, 1.0, batch, dtype=x.dtype) * (k + 1) for k, p in enumerate(gs.parameters)}
+            return scales, "extra"
+
+        sums, extra = gs.bookkeep(scales_for)
+        assert extra == "extra" and seen == {"batch": 5, "factor": 5.0 if loss == "mean" else 1.0}
+        want = gs.clipped_sums(
+            {p: torch.linspace(0.1, 1.0, 5, dtype=x.dtype) * (k + 1) / seen["factor"] for k, p in enumerate(gs.parameters)}
+        )
+        for p in gs.parameters:
+            torch.testing.assert_close(sums[p], want[p], rtol=1e-12, atol=1e-12)
+
+
 def test_clip_and_sum_empty_batch_and_errors():
     model = randomise(mlp())
     x, y = vec_data(0)
