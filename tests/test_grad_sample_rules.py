@@ -718,6 +718,22 @@ def test_float32_gram_kernel_hypothesis(B, T, d, p, pad, bias, centre, spread, s
 
 
 @needs_gram_kernel
+@pytest.mark.parametrize("d,p", [(1, 1), (7, 9), (8, 16), (33, 70), (784, 512)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_kernel_one_position(d, p, threads):
+    """T = 1 (one position per sample) takes the kernel's row path: ||a||^2 ||g||^2 and ||g||^2
+    within 1e-5 relative of float64, for widths on and off the 8- and 32-float loops."""
+    gen = torch.Generator().manual_seed(d * 1000 + p)
+    a, g = torch.randn(6, 1, d, generator=gen), torch.randn(6, 1, p, generator=gen)
+    out, bias = a.new_empty(6), a.new_empty(6)
+    rules_mod._gram.gram_dot(a.data_ptr(), g.data_ptr(), out.data_ptr(), bias.data_ptr(), 0, 6, (1, d, p, d, d, p, p), threads)
+    want_b = g.double().pow(2).sum((1, 2))
+    want = a.double().pow(2).sum((1, 2)) * want_b
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(bias.double(), want_b, rtol=1e-5, atol=0)
+
+
+@needs_gram_kernel
 def test_gram_kernel_paths_and_refusals():
     """Which inputs the Gram kernel takes (float32 CPU, 1 <= T <= 1024); expanded and
     transposed views, and size-1 dimensions with any stride, agree with torch's path; bad

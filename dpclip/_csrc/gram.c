@@ -98,12 +98,51 @@ static inline void tile(const float *x, int64_t T, int64_t K, int64_t ldx, const
     acc[6] = c30; acc[7] = c31; acc[8] = c40; acc[9] = c41; acc[10] = c50; acc[11] = c51;
 }
 
+/* sum of x[0 .. n-1]^2: four float32 vector accumulators (as a GEMM accumulates), their
+ * lanes and the tail in double */
+static inline double sum_sq(const float *x, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        __m256 v0 = _mm256_loadu_ps(x + k), v1 = _mm256_loadu_ps(x + k + 8);
+        __m256 v2 = _mm256_loadu_ps(x + k + 16), v3 = _mm256_loadu_ps(x + k + 24);
+        s0 = _mm256_fmadd_ps(v0, v0, s0);
+        s1 = _mm256_fmadd_ps(v1, v1, s1);
+        s2 = _mm256_fmadd_ps(v2, v2, s2);
+        s3 = _mm256_fmadd_ps(v3, v3, s3);
+    }
+    for (; k + 8 <= n; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        s0 = _mm256_fmadd_ps(v, v, s0);
+    }
+    float lanes[4][8];
+    _mm256_storeu_ps(lanes[0], s0);
+    _mm256_storeu_ps(lanes[1], s1);
+    _mm256_storeu_ps(lanes[2], s2);
+    _mm256_storeu_ps(lanes[3], s3);
+    double tot = 0.0;
+    for (int v = 0; v < 4; v++)
+        for (int q = 0; q < 8; q++) tot += lanes[v][q];
+    for (; k < n; k++) tot += (double)x[k] * (double)x[k];
+    return tot;
+}
+
 /* out[b] = <a_b a_b^T, g_b g_b^T>, bias[b] = ||sum_t g_bt||^2 (if bias) for samples b0 .. b1-1;
- * scratch: scratch_floats(T, d, p) floats, 8-byte aligned */
+ * scratch: scratch_floats(T, d, p) floats, 8-byte aligned. One position (T = 1, an MLP's
+ * Linear): the Grams are 1 x 1, out[b] = ||a_b||^2 ||g_b||^2 and bias[b] = ||g_b||^2, two
+ * passes over the rows instead of 16-wide tiles that would be mostly padding. */
 static void gram_dot(const float *a, const float *g, int64_t T, int64_t d, int64_t p, int64_t sa, int64_t la, int64_t sg,
                      int64_t lg, float *out, float *bias, int64_t b0, int64_t b1, float *scratch) {
     const int64_t RB = (T + MR - 1) / MR, P = (T + NR - 1) / NR, Tr = RB * MR, Tc = P * NR;
     const int64_t Kmax = d > p ? d : p;
+    if (T == 1) {
+        for (int64_t b = b0; b < b1; b++) {
+            const double gsq = sum_sq(g + b * sg, p);
+            out[b] = (float)(sum_sq(a + b * sa, d) * gsq);
+            if (bias) bias[b] = (float)gsq;
+        }
+        return;
+    }
     double *cs = (double *)scratch;      /* p: the bias's sums over positions */
     float *xt = (float *)(cs + p);       /* P * Kmax * NR */
     float *S = xt + P * Kmax * NR;       /* Tr x Tc: a's Gram tiles, weighted */

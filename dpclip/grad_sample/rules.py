@@ -195,10 +195,13 @@ def _gram_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x, s0, s1
 
 
-def _gram_kernel(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _gram_kernel(
+    a: torch.Tensor, g: torch.Tensor, bias: bool, threads: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_ghost_sq_and_bias` by dpclip/_csrc/gram.c (docs/design.md E22): per sample,
     the weighted Gram tiles on and above the diagonal, in cache; one call over the batch,
-    split over the torch threads by the kernel itself. Shapes as there."""
+    split over the torch threads by the kernel itself (``threads``: that many instead). For
+    ``T = 1`` the kernel takes two sums of squares per sample. Shapes as there."""
     B, T, d = a.shape
     p = g.shape[2]
     a, sa, la = _gram_layout(a)
@@ -207,9 +210,15 @@ def _gram_kernel(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Te
     out_bias = a.new_empty(B) if bias else None
     if B:
         dims = (T, d, p, sa, la, sg, lg)
-        _over_batch(lambda lo, hi, threads: _gram.gram_dot(
-            a.data_ptr(), g.data_ptr(), out.data_ptr(), 0 if out_bias is None else out_bias.data_ptr(),
-            lo, hi, dims, threads), B, B * T * (d + p))
+
+        def run(lo: int, hi: int, count: int) -> None:
+            _gram.gram_dot(a.data_ptr(), g.data_ptr(), out.data_ptr(), 0 if out_bias is None else out_bias.data_ptr(),
+                           lo, hi, dims, count)
+
+        if threads is None:
+            _over_batch(run, B, B * T * (d + p))
+        else:
+            run(0, B, threads)
     return out, out_bias
 
 
@@ -282,11 +291,20 @@ def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
         # small passes on one thread, no reshapes (a step does this per layer, E19)
         g = backprops.to(activations.dtype)
         out: Grads = {}
+        weight, bias = _trainable(module, "weight"), _trainable(module, "bias")
+        a3, g3 = activations.unsqueeze(1), g.unsqueeze(1)
+        if weight and _gram_kernel_takes(a3, g3):
+            # the Gram kernel's one-position rows: both norms in one pass, on this thread (the
+            # pass is memory-bound; starting a second thread costs more than it saves)
+            out["weight"], bias_sq = _gram_kernel(a3, g3, bias, threads=1)
+            if bias:
+                out["bias"] = bias_sq
+            return out
         with _serial(g.numel() + activations.numel(), g.device):
             g_sq = torch.linalg.vector_norm(g, dim=1).square_()
-            if _trainable(module, "weight"):
+            if weight:
                 out["weight"] = torch.linalg.vector_norm(activations, dim=1).square_().mul_(g_sq)
-        if _trainable(module, "bias"):
+        if bias:
             out["bias"] = g_sq
         return out
     a, g = _linear_flat(activations, backprops)
