@@ -219,7 +219,7 @@ def test_float32_kernels_through_make_private_match_the_float64_oracle(clipping,
     used = {"conv": set(), "conv_t": 0, "norm": 0, "gram": 0}
     run, psg_t, norm_run = rules_mod._conv_kernel_run, rules_mod._conv_psg_t, rules_mod._norm_kernel_run
     gram = rules_mod._gram_kernel
-    monkeypatch.setattr(rules_mod, "_gram_kernel", lambda *a: used.__setitem__("gram", used["gram"] + 1) or gram(*a))
+    monkeypatch.setattr(rules_mod, "_gram_kernel", lambda *a, **k: used.__setitem__("gram", used["gram"] + 1) or gram(*a, **k))
     monkeypatch.setattr(rules_mod, "_conv_kernel_run", lambda fn, *a: used["conv"].add(fn.__name__) or run(fn, *a))
     monkeypatch.setattr(rules_mod, "_conv_psg_t", lambda *a: used.__setitem__("conv_t", used["conv_t"] + 1) or psg_t(*a))
     monkeypatch.setattr(rules_mod, "_norm_kernel_run", lambda *a: used.__setitem__("norm", used["norm"] + 1) or norm_run(*a))
