@@ -82,7 +82,11 @@ def clip_and_sum(
         with serial(batch * max(1, len(groups)), device):  # tiny: waking the workers costs more (E19)
             columns = []
             for group in groups:
-                parts = [sq[p] if sq[p].dtype == dtype else sq[p].to(dtype) for p in group if p in sq]
+                parts = [
+                    sq[p] if sq[p].dtype == dtype and sq[p].device == device else sq[p].to(device=device, dtype=dtype)
+                    for p in group
+                    if p in sq
+                ]
                 if not parts:
                     columns.append(torch.zeros(batch, dtype=dtype, device=device))
                 else:

@@ -8,6 +8,8 @@ parameters, a fallback unit whose per-sample gradients come from ``torch.func``
 * ``per_sample_grads()``: materialised ``[B, *shape]`` per-sample gradients,
 * ``per_sample_sq_norms()``: ``[B]`` squared norms (ghost norms where a rule allows),
 * ``clipped_sums(scales)``: ``sum_i scale_i g_i`` (book-keeping: one contraction per layer),
+* ``bookkeep(scales_for)``: the two in one pass, the scales computed from the norms in between
+  (what :func:`dpclip.grad_sample.bookkeeping.clip_and_sum` uses),
 
 all keyed by the :class:`~torch.nn.Parameter` object, with no second backward pass.
 
