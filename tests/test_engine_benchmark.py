@@ -61,3 +61,45 @@ def test_engine_benchmark_separate_heaps(tmp_path):
         assert timing[method]["ms_median"] > 0 and timing[method]["steps"] == 3
     assert timing["dpclip auto"]["x_nonprivate"] > 0
     assert "its own process" in proc.stdout
+
+
+AB = ROOT / "experiments" / "benchmarks" / "ab_trees.py"
+
+
+def test_ab_trees_steps_each_cell_in_its_own_process(tmp_path):
+    """Two cells of this tree (one with a worker setting) are stepped round-robin and reported."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(AB), "--model", "mlp", "--steps", "3", "--json", str(out),
+         f"np={ROOT}:non-private", f"dp={ROOT}:dpclip auto|AB_NOISE=0.5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["times_s"]) == {"np", "dp"} and all(len(v) == 3 for v in res["times_s"].values())
+    assert all(v > 0 for v in res["median_ms"].values())
+    assert "x ref" in proc.stdout and "dp " in proc.stdout
+
+
+def test_ab_trees_refuses_a_tree_without_its_own_dpclip(tmp_path):
+    bench = tmp_path / "experiments" / "benchmarks"
+    bench.mkdir(parents=True)
+    (bench / "engine.py").write_text(ENGINE.read_text())
+    proc = subprocess.run(
+        [sys.executable, str(AB), "--model", "mlp", "--steps", "1", f"x={tmp_path}:non-private"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and "not from" in proc.stderr
+
+
+def test_ab_trees_cell_syntax():
+    sys.path.insert(0, str(AB.parent))
+    try:
+        from ab_trees import parse_cell
+    finally:
+        sys.path.remove(str(AB.parent))
+    label, tree, method, env = parse_cell("new=.:dpclip auto|AB_NOISE=0|X=a=b")
+    assert (label, method, env) == ("new", "dpclip auto", {"AB_NOISE": "0", "X": "a=b"})
+    for bad in ("new", "new=.", "=.:m", "new=.:m|X"):
+        with pytest.raises(ValueError, match="cell"):
+            parse_cell(bad)
