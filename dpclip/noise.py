@@ -250,16 +250,11 @@ def _kernel_draw(dests: list[torch.Tensor], std: float, generator: torch.Generat
     n = sum(t.numel() for t in live)
     if n == 0:
         return
-    key = _kernel_key(generator)
+    key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
+    key &= (1 << 64) - 1
     threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
     _gauss.fill([t.data_ptr() for t in live], [t.numel() for t in live], 0, key, std,
                 dests[0].dtype == torch.float64, add, threads)
-
-
-def _kernel_key(generator: torch.Generator) -> int:
-    """The 64-bit key of one kernel draw: one ``randint`` from ``generator``."""
-    key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
-    return key & ((1 << 64) - 1)
 
 
 def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:

@@ -286,46 +286,35 @@ def _linear_plan(module: nn.Linear, activations, backprops) -> bool:
 
 @torch.no_grad()
 def _linear_sq(module: nn.Linear, activations, backprops) -> Grads:
-    if activations.dim() == 2 and not _ghost_overridden():
-        # one position (an MLP): ||g a^T||^2 = |a|^2 |g|^2, and |g|^2 is the bias's; four
-        # small passes on one thread, no reshapes (a step does this per layer, E19)
-        g = backprops.to(activations.dtype)
-        out: Grads = {}
-        weight, bias = _trainable(module, "weight"), _trainable(module, "bias")
-        a3, g3 = activations.unsqueeze(1), g.unsqueeze(1)
-        if weight and _gram_kernel_takes(a3, g3):
-            # the Gram kernel's one-position rows: both norms in one pass, on this thread (the
-            # pass is memory-bound; starting a second thread costs more than it saves)
-            out["weight"], bias_sq = _gram_kernel(a3, g3, bias, threads=1)
-            if bias:
-                out["bias"] = bias_sq
-            return out
-        with _serial(g.numel() + activations.numel(), g.device):
-            g_sq = torch.linalg.vector_norm(g, dim=1).square_()
-            if weight:
-                out["weight"] = torch.linalg.vector_norm(activations, dim=1).square_().mul_(g_sq)
-        if bias:
-            out["bias"] = g_sq
-        return out
     a, g = _linear_flat(activations, backprops)
     out: Grads = {}
     T = a.shape[1]
-    # one position: the bias gradient is g itself, and its squared norm serves the weight too
-    g_sq = _sq(g[:, 0]) if T == 1 else None
-    bias = _trainable(module, "bias")
-    if _trainable(module, "weight"):
+    weight, bias = _trainable(module, "weight"), _trainable(module, "bias")
+    if T == 1 and not _ghost_overridden():
+        # one position (an MLP): ||g a^T||^2 = |a|^2 |g|^2, and |g|^2 is the bias's
+        if weight and _gram_kernel_takes(a, g):
+            # the Gram kernel's one-position rows: both norms in one pass, on this thread (the
+            # pass is memory-bound; starting a second thread costs more than it saves)
+            out["weight"], bias_sq = _gram_kernel(a, g, bias, threads=1)
+            if bias:
+                out["bias"] = bias_sq
+            return out
+        g_sq = _sq(g)
+        if weight:
+            out["weight"] = _sq(a).mul_(g_sq)
+        if bias:
+            out["bias"] = g_sq
+        return out
+    if weight:
         d, p = a.shape[2], g.shape[2]
-        if T == 1 and not _ghost_overridden():
-            # ||g a^T||^2 = |a|^2 |g|^2 for one position
-            out["weight"] = _sq(a[:, 0]).mul_(g_sq)
-        elif use_ghost(T, d, p):
-            out["weight"], bias_sq = _ghost_sq_and_bias(a, g, bias and T > 1)
+        if use_ghost(T, d, p):
+            out["weight"], bias_sq = _ghost_sq_and_bias(a, g, bias)
             if bias_sq is not None:
                 out["bias"] = bias_sq
         else:
             out["weight"] = _sq(torch.bmm(g.transpose(1, 2), a))
     if bias and "bias" not in out:
-        out["bias"] = g_sq if T == 1 else _sq(g.sum(1))
+        out["bias"] = _sq(g.sum(1))
     return out
 
 
