@@ -40,9 +40,10 @@ Models (synthetic data; sizes picked for a 2-core CPU):
   the Opacus rows run a slower module than the ``non-private`` row. A ``non-private DPLSTM``
   row shows that floor.
 
-Timing. Every method has its own copy of the same initial model. After 2 warm-up steps per
-method (dpclip's first step also runs its one-off audit), timed steps are interleaved
-round-robin with a rotating start, ``--steps`` (default 20) per method. Reported: the median
+Timing. Every method has its own copy of the same initial model. After ``WARMUP`` (5) warm-up steps per
+method (dpclip's first step also runs its one-off audit), timed steps are interleaved:
+each round steps every method once, in an order drawn afresh per round (seeded by the round:
+:func:`round_order`), ``--steps`` (default 20) rounds. Reported: the median
 wall ms/step, samples/s (B / median), the ratio to the ``non-private`` median of the same
 run, the minimum, and the median process CPU time per step (user+sys of both threads; less
 sensitive to other tenants of a shared machine).
@@ -88,6 +89,7 @@ import copy
 import io
 import json
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -439,6 +441,14 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def round_order(items: list, k: int) -> list:
+    """The order in which round ``k`` steps ``items``: a permutation drawn from a generator
+    seeded with ``k`` (reproducible). Not a rotation: with a rotating start each method always
+    follows the same one, and what that one leaves behind (the allocator's free blocks, the
+    caches) would favour or handicap it in every round (docs/benchmarks.md)."""
+    return random.Random(k).sample(items, len(items))
+
+
 @dataclass
 class Timing:
     wall: list[float] = field(default_factory=list)
@@ -471,8 +481,7 @@ def time_model(
         warnings.simplefilter("ignore")
         for k in range(steps):
             x, y = batches[k % N_BATCHES]
-            rot = k % max(1, len(runners))
-            for r in runners[rot:] + runners[:rot]:
+            for r in round_order(runners, k):
                 sync()
                 f0, c0, t0 = page_faults(), cpu_time(), time.perf_counter()
                 r.step(x, y)
@@ -543,8 +552,8 @@ def _heap_worker(conn, model: str, method: str, batch_size: int) -> None:
 def time_model_separate_heaps(model: str, batch_size: int, steps: int, methods: list[str], log) -> dict[str, Any]:
     """:func:`time_model` with every method in its own process: each has its own allocator
     heap, as in a real training run, instead of inheriting the state the other methods left
-    in a shared one (docs/design.md E17). This process steps them round-robin with a rotating
-    start, one at a time, so that they still share the machine's conditions. Workers are
+    in a shared one (docs/design.md E17). This process steps them one at a time, in
+    :func:`round_order`, so that they still share the machine's conditions. Workers are
     started with ``spawn`` and set up one after another; results as :func:`time_model`."""
     import multiprocessing as mp
 
@@ -570,8 +579,7 @@ def time_model_separate_heaps(model: str, batch_size: int, steps: int, methods: 
         timings = {m: Timing() for m in workers}
         names = list(workers)
         for k in range(steps):
-            rot = k % max(1, len(names))
-            for m in names[rot:] + names[:rot]:
+            for m in round_order(names, k):
                 conn = workers[m][1]
                 conn.send(k)
                 wall, cpu, faults = conn.recv()
