@@ -790,7 +790,7 @@ needs_conv_kernel = pytest.mark.skipif(
     mode=st.sampled_from(["zeros", "reflect", "circular"]),
     bias=st.booleans(),
     spread=st.booleans(),
-    variant=st.sampled_from(["columns", "outputs"]),
+    variant=st.sampled_from(["columns", "outputs", "positions"]),
     seed=st.integers(0, 1000),
 )
 def test_float32_conv2d_kernel_hypothesis(B, groups, cg, og, k, stride, dilation, padding, mode, bias, spread, variant, seed):
@@ -802,6 +802,8 @@ def test_float32_conv2d_kernel_hypothesis(B, groups, cg, og, k, stride, dilation
         stride = (1, 1)
     if variant == "outputs":
         og = 8 * (1 + og // 10)  # a multiple of 8
+    if variant == "positions":
+        stride = (stride[0], 1)  # its one constraint: stride 1 along the width
     make = lambda: nn.Conv2d(groups * cg, groups * og, k, stride=stride, padding=padding,  # noqa: E731
                              dilation=dilation, groups=groups, bias=bias, padding_mode=mode)
     inputs = lambda: torch.randn((B, groups * cg, 13, 29), generator=torch.Generator().manual_seed(seed))  # noqa: E731
@@ -813,6 +815,8 @@ def test_float32_conv2d_kernel_hypothesis(B, groups, cg, og, k, stride, dilation
         else:
             mp.setattr(rules_mod, "_KERNEL_MIN_KW", 10**9)
             mp.setattr(rules_mod, "_KERNEL_MAX_CG", 10**9)
+        # any number of output columns (tails of 1-7 columns past the blocks of 8), or none
+        mp.setattr(rules_mod, "_KERNEL_MIN_WO", 1 if variant == "positions" else 10**9)
         mp.setattr(rules_mod, "_conv_psg_kernel", lambda *a: calls.append(a[-1]) or kernel(*a))
         if spread:
             mp.setattr(rules_mod, "_SPREAD_MIN", 0)
@@ -849,8 +853,9 @@ def test_conv_ghost_branch_takes_per_sample_gradients_from_the_kernel():
 
 @needs_conv_kernel
 def test_conv2d_kernel_takes_the_layers_it_wins_on():
-    """W2's 1->16 8x8 layer and an RGB 3x3 first layer go to the kernel; a wide 3x3 layer, a
-    depthwise conv, float64, 1-D and 3-D convs do not."""
+    """W2's 1->16 8x8 layer, W3's RGB 3x3 first layer and its 32->64 layer go to the kernels;
+    a stride-2 narrow layer with 13 output columns, a depthwise conv on 8x8, float64, 1-D and
+    3-D convs do not."""
     def takes(layer, shape, dtype=torch.float32):
         x = torch.zeros(shape, dtype=dtype)
         with torch.no_grad():
@@ -858,9 +863,13 @@ def test_conv2d_kernel_takes_the_layers_it_wins_on():
         return rules_mod._conv_kernel_takes(layer, x, torch.zeros_like(y))
 
     assert takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28)) == "columns"
-    assert takes(nn.Conv2d(3, 32, 3, padding=1), (2, 3, 32, 32)) == "outputs"
-    assert takes(nn.Conv2d(3, 20, 3, padding=1), (2, 3, 32, 32)) == "columns"  # 20 outputs: not a multiple of 8
-    assert takes(nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16)) is None
+    assert takes(nn.Conv2d(3, 32, 3, padding=1), (2, 3, 32, 32)) == "positions"
+    assert takes(nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16)) == "positions"
+    assert takes(nn.Conv2d(3, 32, 3, padding=1), (2, 3, 8, 8)) == "outputs"  # 8 output columns
+    assert takes(nn.Conv2d(3, 32, 3, stride=2, padding=1), (2, 3, 32, 32)) == "outputs"
+    assert takes(nn.Conv2d(3, 20, 3, stride=2, padding=1), (2, 3, 32, 32)) == "columns"  # 20 outputs: not a multiple of 8
+    assert takes(nn.Conv2d(16, 32, 4, stride=2), (2, 16, 28, 28)) is None
+    assert takes(nn.Conv2d(32, 64, 3, padding=1), (2, 32, 8, 8)) is None
     assert takes(nn.Conv2d(16, 16, 3, padding=1, groups=16), (2, 16, 8, 8)) is None
     assert takes(nn.Conv2d(1, 16, 8, 2, padding=3), (2, 1, 28, 28), torch.float64) is None
     assert takes(nn.Conv1d(1, 16, 8), (2, 1, 28)) is None
@@ -868,7 +877,7 @@ def test_conv2d_kernel_takes_the_layers_it_wins_on():
 
 
 @needs_conv_kernel
-@pytest.mark.parametrize("variant", ["conv2d_psg", "conv2d_psg_t"])
+@pytest.mark.parametrize("variant", ["conv2d_psg", "conv2d_psg_t", "conv2d_psg_p"])
 def test_conv2d_kernel_threads_give_the_same_values(variant):
     """The kernel's own threads (1-7, more than there are samples too) each take a share of
     samples: bit for bit the values of one thread; threads < 1 is refused."""

@@ -184,8 +184,9 @@ def test_each_per_sample_mode_matches_the_oracle(model_kind, clipping):
 class KernelPaths(nn.Module):
     """The layers dpclip's C kernels take in float32 (docs/design.md E20-E22): a W2-like
     1->16 8x8 stride-2 conv (column kernel), GroupNorm, a 16->32 4x4 stride-2 conv (output
-    kernel in the ghost branch), an RGB-like 3->16 3x3 conv (output kernel), LayerNorm, and a
-    Linear over 4 positions (ghost norm by the Gram kernel)."""
+    kernel in the ghost branch), an RGB-like 3->16 3x3 conv (position kernel), the same at
+    stride 2 (output kernel), LayerNorm, and a Linear over 4 positions (ghost norm by the Gram
+    kernel)."""
 
     def __init__(self):
         super().__init__()
@@ -193,9 +194,10 @@ class KernelPaths(nn.Module):
         self.gn = nn.GroupNorm(4, 16)
         self.c2 = nn.Conv2d(16, 32, 4, stride=2)
         self.rgb = nn.Conv2d(3, 16, 3, padding=1)
+        self.rgb2 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.ln = nn.LayerNorm(16)
         self.seq = nn.Linear(16, 24)
-        self.fc = nn.Linear(32 + 16 + 24, 3)
+        self.fc = nn.Linear(32 + 16 + 24 + 8, 3)
 
     def forward(self, x):
         h = F.max_pool2d(torch.tanh(self.gn(self.c1(x[:, :1]))), 2, 1)  # [B, 16, 13, 13]
@@ -204,7 +206,8 @@ class KernelPaths(nn.Module):
         b = self.ln(r.mean((2, 3)))  # [B, 16]
         tokens = F.adaptive_avg_pool2d(r, 2).flatten(2).transpose(1, 2)  # [B, 4, 16]
         c = torch.tanh(self.seq(tokens)).mean(1)  # [B, 24]
-        return self.fc(torch.cat([a, b, c], 1))
+        d = torch.tanh(self.rgb2(x[:, :3])).mean((2, 3))  # [B, 8]
+        return self.fc(torch.cat([a, b, c, d], 1))
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -245,7 +248,8 @@ def test_float32_kernels_through_make_private_match_the_float64_oracle(clipping,
         # the float32 forward and backward themselves are off by up to 3.5e-5 of the largest
         # entry here (gn.weight), with torch's norm path as with the kernel
         torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-4 * scale, msg=n)
-    assert used["conv"] >= {"conv2d_psg", "conv2d_psg_t"} and used["conv_t"] >= 2 and used["norm"] >= 2
+    assert used["conv"] >= {"conv2d_psg", "conv2d_psg_t", "conv2d_psg_p"} and used["conv_t"] >= 2
+    assert used["norm"] >= 2
     assert used["gram"] >= 1
 
 

@@ -5,6 +5,10 @@
  * for a padded input xp [B, C, H, W], output gradients g [B, O, Ho, Wo] and out [B, O, Cg, kh, kw]
  * (the weight's layout), all contiguous; G groups of Cg = C / G inputs and Og = O / G outputs.
  *
+ * Three variants (docs/design.md E20, E24): `conv2d_psg` vectorises over kernel columns,
+ * `conv2d_psg_t` over outputs (g transposed per sample), `conv2d_psg_p` over output columns
+ * (stride 1 along the width).
+ *
  * Why: torch has no batched kernel for this. Its grouped weight-gradient and forward-conv
  * kernels with the samples as groups, and unfold + bmm, all read or write B-sized
  * temporaries (patches) from memory or run small GEMMs at a fraction of the machine's speed
@@ -190,6 +194,103 @@ static void run_t(const float *x, const float *g, float *out, float *gt_all, int
     }
 }
 #undef COLS_LOOP
+
+/* The positions-vectorised variant, for stride 1 along the width: 8 output columns per
+ * register, so g and the input rows are read as they lie in memory (no transpose, no gather,
+ * every lane busy whatever the kernel width). A block of NO outputs x NK kernel columns of one
+ * (input channel, kernel row) accumulates lane-wise partial sums over all output positions,
+ * summed across lanes at the end; out in the weight's layout [B, O, Cg, kh, kw]. */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void pos_block(const float *xrow0, const float *gb, float *dst,
+                                                            const dims_t *d, int64_t L, int64_t so, __m256i tail,
+                                                            const int NO, const int NK) {
+    __m256 acc[4][3];
+#pragma GCC unroll 4
+    for (int o = 0; o < NO; o++)
+#pragma GCC unroll 3
+        for (int j = 0; j < NK; j++) acc[o][j] = _mm256_setzero_ps();
+    const int64_t full = d->Wo & ~(int64_t)7;
+    for (int64_t y = 0; y < d->Ho; y++) {
+        const float *xr = xrow0 + d->sh * y * d->W;
+        const float *gr = gb + y * d->Wo;
+        for (int64_t x0 = 0; x0 < full; x0 += 8) {
+            __m256 gv[4];
+#pragma GCC unroll 4
+            for (int o = 0; o < NO; o++) gv[o] = _mm256_loadu_ps(gr + o * L + x0);
+#pragma GCC unroll 3
+            for (int j = 0; j < NK; j++) {
+                const __m256 xv = _mm256_loadu_ps(xr + x0 + j * d->dw);
+#pragma GCC unroll 4
+                for (int o = 0; o < NO; o++) acc[o][j] = _mm256_fmadd_ps(gv[o], xv, acc[o][j]);
+            }
+        }
+        if (full < d->Wo) { /* the last Wo % 8 columns: masked loads, zeros in the other lanes */
+            __m256 gv[4];
+#pragma GCC unroll 4
+            for (int o = 0; o < NO; o++) gv[o] = _mm256_maskload_ps(gr + o * L + full, tail);
+#pragma GCC unroll 3
+            for (int j = 0; j < NK; j++) {
+                const __m256 xv = _mm256_maskload_ps(xr + full + j * d->dw, tail);
+#pragma GCC unroll 4
+                for (int o = 0; o < NO; o++) acc[o][j] = _mm256_fmadd_ps(gv[o], xv, acc[o][j]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int o = 0; o < NO; o++)
+#pragma GCC unroll 3
+        for (int j = 0; j < NK; j++) dst[o * so + j] = hsum8(acc[o][j]);
+}
+
+static void run_p(const float *x, const float *g, float *out, int64_t b0, int64_t b1, const dims_t *d) {
+    const int64_t Cg = d->C / d->G, Og = d->O / d->G, L = d->Ho * d->Wo, HW = d->H * d->W;
+    const int64_t so = Cg * d->kh * d->kw; /* out's stride between outputs */
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(d->Wo & 7)), lanes);
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + b * d->C * HW;
+        const float *gbase = g + b * d->O * L;
+        float *ob = out + b * d->O * so;
+        for (int64_t grp = 0; grp < d->G; grp++) {
+            for (int64_t o = grp * Og, end = (grp + 1) * Og; o < end;) {
+                const int64_t no = end - o >= 4 ? 4 : end - o;
+                const float *gb = gbase + o * L;
+                /* these outputs' gradients (no x L floats) stay in L1 over the channels and offsets */
+                for (int64_t c = 0; c < Cg; c++) {
+                    const float *xc = xb + (grp * Cg + c) * HW;
+                    for (int64_t ki = 0; ki < d->kh; ki++) {
+                        for (int64_t kj0 = 0; kj0 < d->kw; kj0 += 3) {
+                            const int64_t nk = d->kw - kj0 < 3 ? d->kw - kj0 : 3;
+                            const float *xrow0 = xc + d->dh * ki * d->W + d->dw * kj0;
+                            float *dst = ob + ((o * Cg + c) * d->kh + ki) * d->kw + kj0;
+                            switch (no * 4 + nk) {
+                                case 4 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 4, 3); break;
+                                case 4 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 4, 2); break;
+                                case 4 * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, 4, 1); break;
+                                case 3 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 3, 3); break;
+                                case 3 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 3, 2); break;
+                                case 3 * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, 3, 1); break;
+                                case 2 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 2, 3); break;
+                                case 2 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 2, 2); break;
+                                case 2 * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, 2, 1); break;
+                                case 1 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 1, 3); break;
+                                case 1 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 1, 2); break;
+                                default: pos_block(xrow0, gb, dst, d, L, so, tail, 1, 1); break;
+                            }
+                        }
+                    }
+                }
+                o += no;
+            }
+        }
+    }
+}
 #pragma GCC pop_options
 #endif
 
@@ -242,14 +343,23 @@ static void psg_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
     run(a->x, a->g, a->out, lo, hi, &a->d);
 }
 
+static void psg_p_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
+    const conv_args_t *a = (const conv_args_t *)ctx;
+    (void)scratch;
+    run_p(a->x, a->g, a->out, lo, hi, &a->d);
+}
+
 static void psg_t_share(void *ctx, int64_t lo, int64_t hi, void *scratch) {
     const conv_args_t *a = (const conv_args_t *)ctx;
     run_t(a->x, a->g, a->out, (float *)scratch, lo, hi, &a->d);
 }
 #endif
 
-/* Run a kernel over samples b0 .. b1-1 on `threads` threads, each with `scratch` floats. */
-static PyObject *run_kernel(int transposed, PyObject *args) {
+enum { KERNEL_COLUMNS, KERNEL_OUTPUTS, KERNEL_POSITIONS };
+
+/* Run a kernel over samples b0 .. b1-1 on `threads` threads. */
+static PyObject *run_kernel(int variant, PyObject *args) {
+    const int transposed = variant == KERNEL_OUTPUTS;
     uintptr_t addr[3];
     long long b0, b1;
     dims_t d;
@@ -259,11 +369,16 @@ static PyObject *run_kernel(int transposed, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "conv2d_psg_t: outputs per group must be a multiple of 8; got %lld", (long long)(d.O / d.G));
         return NULL;
     }
+    if (variant == KERNEL_POSITIONS && d.sw != 1) {
+        PyErr_Format(PyExc_ValueError, "conv2d_psg_p: the stride along the width must be 1; got %lld", (long long)d.sw);
+        return NULL;
+    }
 #ifdef HAVE_KERNEL_CODE
     conv_args_t a = {(const float *)addr[0], (const float *)addr[1], (float *)addr[2], d};
     size_t scratch = transposed ? sizeof(float) * (size_t)(d.O * d.Ho * d.Wo + 1) : 0;
     Py_BEGIN_ALLOW_THREADS
-    failed = over_threads(transposed ? psg_t_share : psg_share, &a, b0, b1, threads, scratch);
+    failed = over_threads(transposed ? psg_t_share : variant == KERNEL_POSITIONS ? psg_p_share : psg_share, &a, b0, b1,
+                          threads, scratch);
     Py_END_ALLOW_THREADS
 #endif
     if (failed) return PyErr_NoMemory();
@@ -272,12 +387,17 @@ static PyObject *run_kernel(int transposed, PyObject *args) {
 
 static PyObject *py_psg(PyObject *self, PyObject *args) {
     (void)self;
-    return run_kernel(0, args);
+    return run_kernel(KERNEL_COLUMNS, args);
+}
+
+static PyObject *py_psg_p(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_kernel(KERNEL_POSITIONS, args);
 }
 
 static PyObject *py_psg_t(PyObject *self, PyObject *args) {
     (void)self;
-    return run_kernel(1, args);
+    return run_kernel(KERNEL_OUTPUTS, args);
 }
 
 static PyObject *py_available(PyObject *self, PyObject *args) {
@@ -291,6 +411,8 @@ static PyMethodDef methods[] = {
      "conv2d_psg(x, g, out, b0, b1, (C, H, W, O, Ho, Wo, G, kh, kw, sh, sw, dh, dw)[, threads]): per-sample weight gradients of samples b0..b1-1 (addresses of contiguous float32 tensors)"},
     {"conv2d_psg_t", py_psg_t, METH_VARARGS,
      "conv2d_psg_t(x, g, out_t, b0, b1, dims[, threads]): as conv2d_psg, into out_t [B, G, C/G, kh, kw, O/G] (outputs innermost; O/G a multiple of 8)"},
+    {"conv2d_psg_p", py_psg_p, METH_VARARGS,
+     "conv2d_psg_p(x, g, out, b0, b1, dims[, threads]): as conv2d_psg (the weight's layout), vectorised over output columns; width stride 1"},
     {"available", py_available, METH_NOARGS, "available() -> whether this machine runs the kernel (AVX2 and FMA)"},
     {NULL, NULL, 0, NULL},
 };

@@ -602,6 +602,7 @@ _FORWARD_PSG_MAX_CG = {1: 1, 2: 3}  # spatial dims -> inputs per group up to whi
 
 _KERNEL_MIN_KW = 6  # kernel widths from which the column-vectorised kernel fills enough of its 8 lanes
 _KERNEL_MAX_CG = 3  # inputs per group up to which the output-vectorised kernel beats torch's paths
+_KERNEL_MIN_WO = 16  # output columns from which the position-vectorised kernel beats torch's paths
 
 
 def _conv_kernel_ok(module: nn.modules.conv._ConvNd, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
@@ -619,19 +620,28 @@ def _conv_kernel_ok(module: nn.modules.conv._ConvNd, activations: torch.Tensor, 
 def _conv_kernel_takes(module: nn.modules.conv._ConvNd, activations: torch.Tensor, backprops: torch.Tensor) -> str | None:
     """Which of dpclip's per-sample conv2d kernels :func:`_conv_weight_psg` uses, or None for
     torch's paths: ``"columns"`` (8 kernel columns x 8 outputs per register block) for kernels at
-    least :data:`_KERNEL_MIN_KW` wide with 8+ outputs per group; ``"outputs"`` (4 kernel
-    columns x 16 outputs) for at most :data:`_KERNEL_MAX_CG` inputs per group and outputs per
-    group a multiple of 8. Measured against torch's paths (2 threads, B = 256): W2's 1->16 8x8
-    layer 2.33 -> 0.94 ms, W3's 3->32 3x3 layer 11.3 -> 7.5 ms; W3's 32->64 3x3 layer was no
-    faster (docs/design.md E20), and a depthwise conv (1 output per group) is faster on
-    torch's forward path."""
+    least :data:`_KERNEL_MIN_KW` wide with 8+ outputs per group; ``"positions"`` (8 output
+    columns per register, 4 outputs x 3 kernel columns per block) for stride 1 along the width
+    and at least :data:`_KERNEL_MIN_WO` output columns; ``"outputs"`` (4 kernel columns x 16
+    outputs) for at most :data:`_KERNEL_MAX_CG` inputs per group and outputs per group a
+    multiple of 8. Measured against torch's paths (2 threads, B = 256): W2's 1->16 8x8 layer
+    2.33 -> 0.94 ms; W3's 3->32 3x3 layer 11.3 -> 7.5 ms ("outputs") -> 3.7 ms ("positions",
+    at the bandwidth of reading its 33.6 MB of output gradients once); W3's 32->64 3x3 layer
+    17.3 -> 15.0 ms; a depthwise 3x3 conv on 32x32 23 -> 16 ms; with 8-15 output columns
+    "positions" lost to torch (5.2 against 7.9 ms for 16->32 4x4 on 13x13; docs/design.md
+    E20, E24)."""
     if not _conv_kernel_ok(module, activations, backprops):
         return None
     cg = activations.shape[1] // module.groups
     og = backprops.shape[1] // module.groups
-    if cg <= _KERNEL_MAX_CG and og % 8 == 0 and module.kernel_size[1] < _KERNEL_MIN_KW:
+    kw = module.kernel_size[1]
+    if og >= 8 and kw >= _KERNEL_MIN_KW:
+        return "columns"
+    if module.stride[1] == 1 and backprops.shape[3] >= _KERNEL_MIN_WO:
+        return "positions"
+    if cg <= _KERNEL_MAX_CG and og % 8 == 0:
         return "outputs"
-    if og >= 8 and (module.kernel_size[1] >= _KERNEL_MIN_KW or cg <= _KERNEL_MAX_CG):
+    if og >= 8 and cg <= _KERNEL_MAX_CG:
         return "columns"
     return None
 
@@ -661,7 +671,8 @@ def _conv_psg_kernel(module: nn.modules.conv._ConvNd, activations, backprops, ou
         B, G, Og = t.shape[0], t.shape[1], t.shape[-1]
         out.view(B, G, Og, *t.shape[2:5]).copy_(t.permute(0, 1, 5, 2, 3, 4))
         return out
-    return _conv_kernel_run(_convpsg.conv2d_psg, module, activations, backprops, out)
+    fn = _convpsg.conv2d_psg_p if variant == "positions" else _convpsg.conv2d_psg
+    return _conv_kernel_run(fn, module, activations, backprops, out)
 
 
 def _conv_psg_t(module: nn.modules.conv._ConvNd, activations, backprops) -> torch.Tensor:
