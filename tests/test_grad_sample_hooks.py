@@ -1091,3 +1091,57 @@ def test_conv_patches_kept_between_the_passes_match_the_loop_oracle(width, kept)
             if rounds == 1:
                 ce_sum(out, y).backward()  # a second backward: gradients add, the scratch goes
                 assert id(conv2) not in gs._scratch
+
+
+def test_large_captured_activations_go_to_buffers_kept_across_steps(monkeypatch):
+    """With skip_param_grads on, a rule unit's large activation (every one here, with the size
+    threshold patched to 1 byte) is captured as a copy in a buffer the sampler keeps across
+    clear(): norms and clipped sums are bit for bit those of capturing the caller's tensor
+    (and agree with the float64 loop oracle), the buffer is the same storage in the next step,
+    a materialised rule (LayerNorm) and a sampler without skip_param_grads capture as before,
+    and remove() drops the buffers."""
+    from dpclip.grad_sample import hooks as hooks_mod
+
+    torch.manual_seed(0)
+    # two positions: both Linear layers take the ghost norm (d p > T (d + p)), none materialised
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 2, 6, generator=gen, dtype=DT), torch.randint(0, 3, (4, 2), generator=gen)) for _ in range(2)]
+    scales = {p: torch.rand(4, generator=gen, dtype=DT) for p in model.parameters()}
+
+    def run(skip):
+        out, ptrs = [], []
+        with GradSampler(model, loss_reduction="sum", skip_param_grads=skip) as gs:
+            for x, y in batches:
+                ce_sum(model(x), y).backward()
+                out.append((gs.per_sample_sq_norms(), gs.clipped_sums(scales)))
+                calls = [c for calls in gs._calls for c in calls]
+                ptrs.append([c.inputs[0].data_ptr() if c.inputs else None for c in calls])
+                gs.clear()
+            kept = dict(gs._stable)
+        assert not gs._stable  # remove() dropped them
+        return out, ptrs, kept
+
+    plain, _, kept = run(skip=True)
+    assert kept == {}  # below the threshold: nothing copied
+    monkeypatch.setattr(hooks_mod, "_STABLE_MIN_BYTES", 1)
+    stable, ptrs, kept = run(skip=True)
+    assert set(kept) == {(0, 0), (2, 0)}  # the two Linear units, not LayerNorm (unit 1)
+    assert ptrs[0][0] == ptrs[1][0] == kept[(0, 0)].data_ptr()  # the same storage both steps
+    assert ptrs[0][0] not in (x.data_ptr() for x, _ in batches)
+    for (sq_a, sums_a), (sq_b, sums_b) in zip(plain, stable):
+        for p in model.parameters():
+            assert torch.equal(sq_a[p], sq_b[p]) and torch.equal(sums_a[p], sums_b[p])
+    for (x, y), (sq, sums) in zip(batches, stable):
+        oracle = per_sample_grads_loop(model, ce_sum, x, y)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(sq[p], oracle[name].flatten(1).pow(2).sum(1), **TOL)
+            torch.testing.assert_close(sums[p], torch.tensordot(scales[p], oracle[name], dims=1), **TOL)
+    _, _, kept = run(skip=False)
+    assert kept == {}  # autograd keeps the input for the weight gradient anyway: no copy
+    # d p <= T (d + p) for both Linear layers: the plan materialises them (and releases the
+    # captures) when their output gradients arrive, so their activations are not copied
+    model[0], model[1], model[3] = nn.Linear(6, 3).to(DT), nn.LayerNorm(3).to(DT), nn.Linear(3, 3).to(DT)
+    scales = {p: torch.rand(4, generator=gen, dtype=DT) for p in model.parameters()}
+    _, _, kept = run(skip=True)
+    assert kept == {}

@@ -164,6 +164,9 @@ def uncovered_parameters(model: nn.Module, units: list[Unit]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+_STABLE_MIN_BYTES = 32 << 20  # captured activations from this size on go to kept buffers (see _stable_inputs)
+
+
 def _detach(tree: Any) -> Any:
     if isinstance(tree, torch.Tensor):
         return tree.detach()
@@ -356,6 +359,8 @@ class GradSampler:
         self._suspended = 0
         self._grad_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._scratch: dict[int, dict] = {}  # per call: what a rule's norm pass leaves its sum pass
+        # (unit, call position) -> a large captured activation's buffer, kept across clear()
+        self._stable: dict[tuple[int, int], torch.Tensor] = {}
         self._handles: list[Any] = []
         for i, unit in enumerate(self.units):
             self._handles.append(
@@ -387,6 +392,7 @@ class GradSampler:
         self._handles = []
         self.set_skip_param_grads(False)
         self.clear()
+        self._stable = {}
 
     @property
     def skip_param_grads(self) -> bool:
@@ -521,8 +527,11 @@ class GradSampler:
                 # is never backwarded, so those calls stay inactive and are ignored.
                 self._round += 1
                 self._backward_seen = False
+            inputs = _detach(tuple(args))
+            if self._skip_handles and unit.rule is not None and not unit.rule.materialised:
+                inputs = self._stable_inputs(index, inputs, output)
             call = _Call(
-                inputs=_detach(tuple(args)),
+                inputs=inputs,
                 kwargs=_detach(dict(kwargs)),
                 output=_skeleton(output),
                 round=self._round,
@@ -540,6 +549,35 @@ class GradSampler:
             return replaced
 
         return hook
+
+    def _stable_inputs(self, index: int, inputs: tuple, output: Any) -> tuple:
+        """``inputs`` with a large activation (``_STABLE_MIN_BYTES`` or more, on the CPU) copied
+        into a buffer this sampler keeps from step to step, one per (unit, call) position.
+
+        With ``skip_param_grads`` autograd does not keep a rule unit's input for a weight
+        gradient, but book-keeping keeps it until the clipped sums, after the backward. Holding
+        the caller's tensor would keep its block out of the allocator's reach for the whole
+        backward, where plain training frees it and reuses it; glibc serves a block above its
+        mmap ceiling (32 MiB) that no free block fits as fresh pages, each a page fault (W4's
+        feed-forward activations: 33.6 MB, 8,193 faults each, about 2 us apiece on the
+        benchmark machine). A copy into a kept buffer (touched once, in the first step) lets the
+        original go as it would without DP. Same values, bit for bit (docs/design.md E25). Not
+        for calls the plan materialises as soon as their output gradient arrives (the capture
+        is released then); ``output`` has the output gradient's shape for that decision."""
+        t = inputs[0] if inputs else None
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.nbytes < _STABLE_MIN_BYTES:
+            return inputs
+        unit = self.units[index]
+        if self.ghost == "never" or (
+            self.ghost == "auto" and isinstance(output, torch.Tensor) and unit.rule.materialise(unit.module, t, output)
+        ):
+            return inputs  # materialised when the output gradient arrives, then released: no copy
+        key = (index, len(self._calls[index]))
+        buf = self._stable.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._stable[key] = torch.empty(t.shape, dtype=t.dtype)
+        buf.copy_(t)
+        return (buf,) + tuple(inputs[1:])
 
     def _make_grad_hook(self, index: int, call: _Call, k: int):
         unit = self.units[index]
