@@ -269,20 +269,18 @@ static void run_p(const float *x, const float *g, float *out, int64_t b0, int64_
                             const int64_t nk = d->kw - kj0 < 3 ? d->kw - kj0 : 3;
                             const float *xrow0 = xc + d->dh * ki * d->W + d->dw * kj0;
                             float *dst = ob + ((o * Cg + c) * d->kh + ki) * d->kw + kj0;
+                            /* NO and NK as constants, so that the accumulators stay in registers */
+#define POS_CASES(NO)                                                                              \
+    case NO * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, NO, 3); break;                      \
+    case NO * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, NO, 2); break;                      \
+    case NO * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, NO, 1); break;
                             switch (no * 4 + nk) {
-                                case 4 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 4, 3); break;
-                                case 4 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 4, 2); break;
-                                case 4 * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, 4, 1); break;
-                                case 3 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 3, 3); break;
-                                case 3 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 3, 2); break;
-                                case 3 * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, 3, 1); break;
-                                case 2 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 2, 3); break;
-                                case 2 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 2, 2); break;
-                                case 2 * 4 + 1: pos_block(xrow0, gb, dst, d, L, so, tail, 2, 1); break;
-                                case 1 * 4 + 3: pos_block(xrow0, gb, dst, d, L, so, tail, 1, 3); break;
-                                case 1 * 4 + 2: pos_block(xrow0, gb, dst, d, L, so, tail, 1, 2); break;
-                                default: pos_block(xrow0, gb, dst, d, L, so, tail, 1, 1); break;
+                                POS_CASES(4)
+                                POS_CASES(3)
+                                POS_CASES(2)
+                                POS_CASES(1)
                             }
+#undef POS_CASES
                         }
                     }
                 }

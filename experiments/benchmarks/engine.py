@@ -40,10 +40,10 @@ Models (synthetic data; sizes picked for a 2-core CPU):
   the Opacus rows run a slower module than the ``non-private`` row. A ``non-private DPLSTM``
   row shows that floor.
 
-Timing. Every method has its own copy of the same initial model. After ``WARMUP`` (5) warm-up steps per
-method (dpclip's first step also runs its one-off audit), timed steps are interleaved:
-each round steps every method once, in an order drawn afresh per round (seeded by the round:
-:func:`round_order`), ``--steps`` (default 20) rounds. Reported: the median
+Timing. Every method has its own copy of the same initial model. After ``WARMUP`` (5)
+warm-up steps per method (dpclip's first step also runs its one-off audit), timed steps are
+interleaved: each round steps every method once, in an order drawn afresh per round (seeded
+by the round: :func:`round_order`), ``--steps`` (default 20) rounds. Reported: the median
 wall ms/step, samples/s (B / median), the ratio to the ``non-private`` median of the same
 run, the minimum, and the median process CPU time per step (user+sys of both threads; less
 sensitive to other tenants of a shared machine).
