@@ -49,7 +49,10 @@ try:  # the CPU noise kernel (dpclip/_csrc/gauss.c); absent when the install had
 except ImportError:  # pragma: no cover - depends on the build
     _gauss = None
 
-__all__ = ["GaussianNoise", "SecureGaussianNoise", "SecureNoisePlan", "add_normal_", "fill_normal", "noise_kernel", "secure_generator"]
+__all__ = [
+    "GaussianNoise", "NoiseAhead", "SecureGaussianNoise", "SecureNoisePlan", "add_keyed_", "add_normal_", "draw_key",
+    "fill_normal", "kernel_takes", "noise_kernel", "secure_generator",
+]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -246,15 +249,98 @@ def _kernel_draw(dests: list[torch.Tensor], std: float, generator: torch.Generat
     Above :data:`KERNEL_SPLIT` numbers the kernel splits the draw over
     ``torch.get_num_threads()`` threads of its own, started for the call (design P12).
     """
+    if sum(t.numel() for t in dests) == 0:
+        return
+    key = draw_key(generator)
+    if add:
+        add_keyed_(dests, std, key)
+        return
+    live = [t for t in dests if t.numel()]
+    n = sum(t.numel() for t in live)
+    threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
+    _gauss.fill([t.data_ptr() for t in live], [t.numel() for t in live], 0, key, std,
+                dests[0].dtype == torch.float64, False, threads)
+
+
+def draw_key(generator: torch.Generator) -> int:
+    """A 64-bit key for the noise kernel's stream: one ``randint`` from ``generator``."""
+    key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
+    return key & ((1 << 64) - 1)
+
+
+def kernel_takes(dests: list[torch.Tensor], generator: torch.Generator) -> bool:
+    """Whether the noise kernel draws for ``dests`` with ``generator`` (:func:`add_keyed_` then
+    applies): the kernel is built, the generator is a CPU one, and the tensors are contiguous CPU
+    float32, or all float64."""
+    return _kernel_takes(dests, generator)
+
+
+def add_keyed_(dests: list[torch.Tensor], std: float, key: int, ahead: "NoiseAhead | None" = None) -> int:
+    """Add numbers ``0 .. n-1`` of the noise kernel's stream for ``key`` (``N(0, std^2)``) into
+    ``dests`` (contiguous CPU, one dtype: float32 or float64), laid over the tensors one after
+    the other, in place. With ``ahead``, the numbers its background thread has already drawn
+    for this ``(key, std, n, dtype)`` are added from its buffer and the rest computed here; the
+    values are the same either way (bit for bit). Returns how many numbers came from ``ahead``.
+    """
     live = [t for t in dests if t.numel()]
     n = sum(t.numel() for t in live)
     if n == 0:
-        return
-    key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
-    key &= (1 << 64) - 1
+        return 0
     threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
-    _gauss.fill([t.data_ptr() for t in live], [t.numel() for t in live], 0, key, std,
-                dests[0].dtype == torch.float64, add, threads)
+    addresses, counts = [t.data_ptr() for t in live], [t.numel() for t in live]
+    is_f64 = live[0].dtype == torch.float64
+    if ahead is not None:
+        return int(_gauss.ahead_add(ahead._handle, addresses, counts, key, std, is_f64, threads))
+    _gauss.fill(addresses, counts, 0, key, std, is_f64, True, threads)
+    return 0
+
+
+class NoiseAhead:
+    """The next step's noise, drawn ahead of time by a background thread at idle priority.
+
+    DP-SGD's noise depends on nothing the step computes, so the numbers of step ``t + 1`` can be
+    drawn during its forward and backward passes, on a core the model leaves idle: Python
+    between operators, single-threaded operators, the data loader. :meth:`start` hands the
+    draw (its key, std and size) to a thread the kernel starts with Linux's ``SCHED_IDLE``
+    policy, which runs only when no other thread of the machine wants the core, so it never
+    delays the training step (an equal-priority helper did, docs/design.md P9).
+    :func:`add_keyed_` with this object then adds the chunks the thread finished from its
+    buffer and computes the others itself, without waiting: the values never depend on how far
+    the thread got (docs/design.md P13).
+
+    One buffer of the draw's size is kept between draws (2.7 MB for a 670k-parameter model in
+    float32), reused once its thread has ended. Only where :meth:`available`: the noise kernel
+    is built and the platform has ``SCHED_IDLE``.
+    """
+
+    def __init__(self) -> None:
+        if not NoiseAhead.available():
+            raise RuntimeError(
+                "NoiseAhead needs dpclip's noise kernel (dpclip._gauss) on a platform with "
+                "SCHED_IDLE (Linux); check NoiseAhead.available() first"
+            )
+        self._handle = _gauss.ahead_new()
+
+    @staticmethod
+    def available() -> bool:
+        """The noise kernel is built and this platform can run its thread at idle priority."""
+        return _gauss is not None and hasattr(_gauss, "ahead_new") and bool(_gauss.ahead_supported())
+
+    def start(self, count: int, dtype: torch.dtype, std: float, key: int) -> bool:
+        """Start drawing numbers ``0 .. count-1`` of the stream for ``key`` (``N(0, std^2)``,
+        ``dtype`` float32 or float64) in the background, replacing any pending draw. Returns
+        whether the thread started (below :data:`KERNEL_SPLIT` numbers none is: the draw is
+        cheaper than the thread)."""
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"NoiseAhead.start: dtype must be torch.float32 or torch.float64, got {dtype}")
+        if count < KERNEL_SPLIT:
+            self.cancel()
+            return False
+        return bool(_gauss.ahead_start(self._handle, int(count), int(key), float(std), dtype == torch.float64))
+
+    def cancel(self) -> None:
+        """Drop the pending draw (its thread stops at its next chunk and frees what it holds)."""
+        _gauss.ahead_start(self._handle, 0, 0, 0.0, False)
 
 
 def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:

@@ -112,6 +112,10 @@ class _Attachment:
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
     rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
     world_size: int = 1
+    # the noise drawn ahead (P13): the key of the next release's gradient noise, drawn at the end
+    # of the previous one, and the background draw of its numbers (None where unavailable)
+    noise_key: int | None = None
+    ahead: noise_module.NoiseAhead | None = None
 
     @property
     def divided(self) -> bool:
@@ -130,6 +134,34 @@ class _Attachment:
     @property
     def sensitivity(self) -> float:
         return self.unit_factor * self.clipper.sensitivity
+
+
+NOISE_AHEAD = True
+"""Draw each release's gradient noise during the step before it, on a background thread at
+idle priority (:class:`dpclip.noise.NoiseAhead`, docs/design.md P13), where the platform allows."""
+
+
+def _add_gaussian_(att: _Attachment, noise: GaussianNoise, values: dict, sensitivity: float) -> dict:
+    """Add this release's Gaussian noise into ``values`` (the step's own sums) in place.
+
+    With the noise kernel the key of each release's noise is drawn from ``att.generator`` at
+    the end of the release before (the first release draws its own), so that its numbers can be
+    drawn in the background meanwhile (:class:`dpclip.noise.NoiseAhead`); the values depend on
+    the generator alone, not on how far that draw got. The pending key is part of
+    :meth:`PrivacyEngine.state_dict`. Otherwise :meth:`GaussianNoise.add_` (its key drawn now).
+    """
+    tensors = list(values.values())
+    std = noise.std(sensitivity)
+    if std == 0.0 or not noise_module.kernel_takes(tensors, att.generator):
+        att.noise_key = None  # a key drawn for the kernel is never used for anything else
+        return noise.add_(values, sensitivity, att.generator)
+    key = att.noise_key if att.noise_key is not None else noise_module.draw_key(att.generator)
+    att.noise_key = None
+    noise_module.add_keyed_(tensors, std, key, att.ahead)
+    if att.ahead is not None:
+        att.noise_key = noise_module.draw_key(att.generator)
+        att.ahead.start(sum(t.numel() for t in tensors), tensors[0].dtype, std, att.noise_key)
+    return values
 
 
 class PrivacyEngine:
@@ -386,6 +418,8 @@ class PrivacyEngine:
         )
         if getattr(clip_controller, "keeps_noise_std", False):
             att.fixed_noise_std = sigma * att.sensitivity
+        if NOISE_AHEAD and not self.secure_mode and rank == 0 and noise_module.NoiseAhead.available():
+            att.ahead = noise_module.NoiseAhead()
         att.handles.append(optimizer.register_step_pre_hook(self._before_step))
 
         self._attachment = att
@@ -446,6 +480,8 @@ class PrivacyEngine:
             h.remove()
         if self._attachment.sampler is not None:
             self._attachment.sampler.remove()
+        if self._attachment.ahead is not None:
+            self._attachment.ahead.cancel()
         self._attachment = None
 
     # ------------------------------------------------------------------ introspection
@@ -555,7 +591,7 @@ class PrivacyEngine:
         def add_noise(values: dict) -> dict:
             # the sums are this step's own tensors: plain noise goes into them in place
             if isinstance(noise, GaussianNoise):
-                return noise.add_(values, sensitivity, att.generator)
+                return _add_gaussian_(att, noise, values, sensitivity)
             return noise.add(values, sensitivity, att.generator)
 
         if att.world_size > 1:  # DPDDP: add the processes' clipped sums; process 0 adds the noise, once
@@ -652,6 +688,7 @@ class PrivacyEngine:
                 controller=att.controller.state_dict() if hasattr(att.controller, "state_dict") else None,
                 generator=None if att.secure else att.generator.get_state(),
                 sample_generator=None if att.secure else att.sample_generator.get_state(),
+                noise_key=None if att.secure else att.noise_key,
             )
         return state
 
@@ -683,6 +720,10 @@ class PrivacyEngine:
                 att.generator.set_state(state["generator"])
             if state.get("sample_generator") is not None:
                 att.sample_generator.set_state(state["sample_generator"])
+            # the next release's noise key, drawn before the save (P13); None in older checkpoints
+            att.noise_key = None if state.get("noise_key") is None else int(state["noise_key"])
+            if att.ahead is not None:
+                att.ahead.cancel()
         att.sums, att.norms = None, None
         att.budget_steps_left = None
 

@@ -618,3 +618,35 @@ def test_add_normal_in_place_equals_the_flat_draw(sizes, source):
         add_normal_(strided, 0.9, torch.Generator().manual_seed(3))
         assert all(torch.equal(g, w) for g, w in zip(strided, want))
         assert torch.equal(wide[:, 0], want[0]) and not wide[:, 1].any()
+
+
+# ----------------------------------------------------------------------------- drawn ahead (P13)
+@pytest.mark.skipif(not noise_module.NoiseAhead.available(), reason="no noise kernel or no SCHED_IDLE here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_keyed_with_a_draw_ahead_equals_the_draw_in_place(dtype):
+    """add_keyed_ gives the numbers GaussianNoise.add_ gives for the same generator state (one
+    key drawn from it), whether they come from NoiseAhead's buffer or are computed in the add."""
+    import time
+
+    sums = {k: torch.randn(*shape, dtype=dtype, generator=gen(k)) for k, shape in enumerate([(300, 120), (9,), (50, 3, 40)])}
+    expected = GaussianNoise(1.3).add_({k: v.clone() for k, v in sums.items()}, 0.5, gen(11))
+    ahead = noise_module.NoiseAhead()
+    for wait in (0.0, 0.2):
+        key = noise_module.draw_key(gen(11))
+        assert ahead.start(sum(v.numel() for v in sums.values()), dtype, 1.3 * 0.5, key)
+        time.sleep(wait)
+        got = {k: v.clone() for k, v in sums.items()}
+        taken = noise_module.add_keyed_(list(got.values()), 1.3 * 0.5, key, ahead)
+        assert 0 <= taken <= 36000 + 9 + 6000
+        for k in sums:
+            assert torch.equal(got[k], expected[k]), (wait, k)
+    assert noise_module.kernel_takes(list(sums.values()), gen(0))
+
+
+@pytest.mark.skipif(not noise_module.NoiseAhead.available(), reason="no noise kernel or no SCHED_IDLE here")
+def test_noise_ahead_small_draws_and_bad_dtypes():
+    ahead = noise_module.NoiseAhead()
+    assert ahead.start(noise_module.KERNEL_SPLIT - 1, torch.float32, 1.0, 5) is False  # cheaper than a thread
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        ahead.start(1 << 20, torch.float16, 1.0, 5)
+    ahead.cancel()

@@ -240,3 +240,121 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="set_isa"):
         gauss.set_isa("sse9")
     assert gauss.isa() in ("avx512", "avx2", "generic")
+
+
+# ----------------------------------------------------------------------------- drawn ahead (P13)
+def _wait_filled(handle, n: int, timeout: float = 20.0) -> bool:
+    """Wait until the background thread has finished all ``n`` numbers (it runs at idle
+    priority: on a busy machine it may not get there, and the caller then skips that check)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while gauss.ahead_filled(handle) < n:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ahead_adds_the_numbers_fill_would_however_far_its_thread_got(isa, dtype):
+    """ahead_add equals fill(add=True) bit for bit, with the draw not started, just started,
+    finished, over segments that straddle the 8192- (4096-) number chunks, on 1-3 threads; the
+    numbers taken from the buffer are counted."""
+    key, std, is_f64 = 0xDEADBEEF12345, 0.37, dtype == torch.float64
+    cuts = ([40000], [1, 8191, 8192, 9, 20000, 3], [4095, 4097, 0, 31000])
+    handle = gauss.ahead_new()
+    for cut in cuts:
+        n = sum(cut)
+        base = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        expected = fill(n, 0, key, std, dtype, add_to=base)
+        for when in ("none", "now", "done"):
+            for threads in (1, 2, 3):
+                if when != "none":
+                    assert gauss.ahead_start(handle, n, key, std, is_f64)
+                finished = when == "done" and _wait_filled(handle, n)
+                parts = list(base.clone().split(cut))
+                taken = gauss.ahead_add(handle, [p.data_ptr() if p.numel() else 1 for p in parts], cut, key, std,
+                                        is_f64, threads)
+                assert torch.equal(torch.cat(parts), expected), (cut, when, threads)
+                assert 0 <= taken <= n
+                if when == "none":
+                    assert taken == 0  # nothing pending (the last draw was used)
+                if finished:
+                    assert taken == n
+    del handle
+
+
+def test_ahead_ignores_a_draw_that_is_not_this_one():
+    """A pending draw for another key, std, size or dtype, one superseded by a later start, a
+    cancelled one, or one begun on another instruction set is not used: every number is computed
+    in the add, and the result is still exactly fill's."""
+    n, key, std = 50000, 99, 1.5
+    base = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    expected = fill(n, 0, key, std, add_to=base)
+    handle = gauss.ahead_new()
+
+    def add(k=key, s=std, count=n):
+        out = base.clone()
+        taken = gauss.ahead_add(handle, [out.data_ptr()], [count], k, s, False, 2)
+        return out, taken
+
+    for pending in ((n, key + 1, std, False), (n, key, 1.25, False), (n - 1, key, std, False), (n, key, std, True)):
+        assert gauss.ahead_start(handle, *pending)  # (count, key, std, is_f64)
+        _wait_filled(handle, pending[0], timeout=5.0)
+        out, taken = add()
+        assert taken == 0 and torch.equal(out, expected), pending
+    gauss.ahead_start(handle, n, key + 5, std, False)
+    gauss.ahead_start(handle, n, key, std, False)  # supersedes the first
+    out, taken = add()
+    assert torch.equal(out, expected)
+    gauss.ahead_start(handle, n, key, std, False)
+    gauss.ahead_start(handle, 0, 0, 0.0, False)  # cancels
+    out, taken = add()
+    assert taken == 0 and torch.equal(out, expected)
+    other = [name for name in isas() if name != gauss.isa()]
+    if other:
+        gauss.ahead_start(handle, n, key, std, False)
+        _wait_filled(handle, n, timeout=5.0)
+        gauss.set_isa("generic" if other[0] == "generic" else other[0] if other[0] == "avx2" else "best")
+        try:
+            out, taken = add()
+            assert taken == 0
+            assert torch.equal(out, fill(n, 0, key, std, add_to=base))  # this instruction set's numbers
+        finally:
+            gauss.set_isa("best")
+
+
+def test_ahead_handle_dropped_while_its_thread_draws():
+    """Dropping a handle with a large draw under way neither waits nor crashes; the thread
+    frees what it holds when it stops. Many handles in a row, each with its own thread."""
+    import gc
+
+    for i in range(20):
+        handle = gauss.ahead_new()
+        assert gauss.ahead_start(handle, 1 << 22, i, 1.0, False)
+        if i % 2:
+            gauss.ahead_start(handle, 1 << 21, i + 1, 1.0, True)  # replaced while the first is drawn
+        del handle
+        gc.collect()
+    handle = gauss.ahead_new()
+    n = 40000
+    gauss.ahead_start(handle, n, 5, 2.0, False)
+    out = torch.zeros(n)
+    gauss.ahead_add(handle, [out.data_ptr()], [n], 5, 2.0, False, 2)
+    assert torch.equal(out, fill(n, 0, 5, 2.0))
+
+
+def test_ahead_bad_arguments_are_refused():
+    handle = gauss.ahead_new()
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="addresses but"):
+        gauss.ahead_add(handle, [x.data_ptr()], [4, 4], 1, 1.0, False)
+    with pytest.raises(ValueError, match="null address"):
+        gauss.ahead_add(handle, [0], [4], 1, 1.0, False)
+    with pytest.raises(ValueError, match="threads"):
+        gauss.ahead_add(handle, [x.data_ptr()], [4], 1, 1.0, False, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        gauss.ahead_start(handle, 1 << 62, 1, 1.0, False)
+    with pytest.raises(ValueError):  # not a handle
+        gauss.ahead_start(object(), 4, 1, 1.0, False)

@@ -336,3 +336,94 @@ def test_secure_mode_trains_and_keeps_its_randomness_out_of_checkpoints():
     ratio = released / plan.grid
     assert torch.allclose(ratio, ratio.round(), rtol=1e-6, atol=1e-9)
     assert float(ratio.abs().max()) > 100  # a fine grid: the check above is not trivially met
+
+
+def _ahead_run(steps: int, *, start=None, state=None, sleep: float = 0.0, return_engine: bool = False):
+    """A 42k-parameter MLP trained ``steps`` steps with noise (large enough for the noise to be
+    drawn ahead); ``state``: (engine state, model state, optimizer state) to resume from."""
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
+    g = torch.Generator().manual_seed(4)
+    data = TensorDataset(torch.randn(64, 200, generator=g), torch.randint(0, 10, (64,), generator=g))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.1,
+        max_grad_norm=1.0, poisson_sampling=False, generator=torch.Generator().manual_seed(9),
+    )
+    if state is not None:
+        engine.load_state_dict(state[0])
+        model.load_state_dict(state[1])
+        opt.load_state_dict(state[2])
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            time.sleep(sleep)
+            done += 1
+            if done == steps:
+                break
+    params = [p.detach().clone() for p in model.parameters()]
+    if return_engine:
+        return params, (engine.state_dict(), model.state_dict(), opt.state_dict())
+    return params
+
+
+@pytest.mark.skipif(not __import__("dpclip").noise.NoiseAhead.available(), reason="no noise drawn ahead here")
+def test_noise_drawn_ahead_changes_nothing_but_the_time(monkeypatch):
+    """The gradient noise drawn on the background thread (design P13) gives the run the thread
+    never helps (its draws cancelled), the run without the feature (keys drawn in each release:
+    the same generator draws in the same order, no controller here), and a run resumed from a
+    checkpoint taken between steps (the next step's key travels in the state): all bit for bit.
+    The thread does take part (numbers taken from its buffer)."""
+    import dpclip.noise as noise_module
+    import dpclip.privacy_engine as pe
+
+    taken = []
+    real_add = noise_module.add_keyed_
+
+    def counting_add(dests, std, key, ahead=None):
+        taken.append(real_add(dests, std, key, ahead))
+        return taken[-1]
+
+    monkeypatch.setattr(noise_module, "add_keyed_", counting_add)
+    helped = _ahead_run(8, sleep=0.05)
+    assert max(taken) > 0  # on an idle core 50 ms is ample; a saturated machine could starve it
+    monkeypatch.setattr(noise_module.NoiseAhead, "start", lambda self, *a: self.cancel() or False)
+    taken.clear()
+    unhelped = _ahead_run(8)
+    assert max(taken) == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(pe, "NOISE_AHEAD", False)
+    without = _ahead_run(8)
+    monkeypatch.undo()
+    first, state = _ahead_run(4, return_engine=True)  # one pass over the loader: resumed at its start
+    assert state[0]["noise_key"] is not None
+    resumed = _ahead_run(4, state=state)
+    for a, b, c, d in zip(helped, unhelped, without, resumed):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    assert not all(torch.equal(a, b) for a, b in zip(first, helped))  # the last steps did move
+
+
+def test_a_pending_noise_key_is_used_once_and_dropped_by_secure_mode():
+    """The key drawn ahead for the next release is spent by it (never reused), and secure mode
+    neither draws nor saves one."""
+    params, state = _ahead_run(2, return_engine=True)
+    engine_state = state[0]
+    if __import__("dpclip").noise.NoiseAhead.available():
+        assert isinstance(engine_state["noise_key"], int) and 0 <= engine_state["noise_key"] < 1 << 64
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
+    engine = PrivacyEngine(secure_mode=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = TensorDataset(torch.randn(32, 200), torch.randint(0, 10, (32,)))
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=16),
+                                             noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(loader))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine._attachment.ahead is None and engine.state_dict()["noise_key"] is None
