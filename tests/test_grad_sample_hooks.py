@@ -464,6 +464,62 @@ def test_clip_and_sum(case, loss):
             torch.testing.assert_close(sums[p], want[p], **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "tied"])
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_flat_clipping_scales_in_one_call(dtype, case, loss, monkeypatch):
+    """FlatClipping's norms and scales come from one C call (``_gram.flat_scales``, design E26):
+    the same as the generic torch path to one unit in the last place (torch's vectorised sqrt
+    is not correctly rounded; the call's is), the float64 oracle, the loss factor and the
+    constant scale included; the one group in another order than the sampler's; B = 0."""
+    import dpclip.grad_sample.bookkeeping as bk
+    from dpclip.clipping import FlatClipping
+
+    if bk._gram is None:
+        pytest.skip("dpclip was installed without its C kernels")
+    make, data = CASES[case]
+    model = randomise(make()).to(dtype)
+    x, y = data(6)
+    x = x.to(dtype) if x.is_floating_point() else x
+    oracle = per_sample_grads_loop(randomise(make()), ce_sum, *data(6))
+    oracle_norms = sq(torch.cat([g.flatten(1) for g in oracle.values()], 1)).sqrt()
+    clipper = FlatClipping(float(oracle_norms.median()))
+    calls = []
+    real = bk._gram.flat_scales
+    monkeypatch.setattr(bk, "_gram", type("G", (), {"flat_scales": staticmethod(lambda *a: calls.append(1) or real(*a))}))
+    with run(model, x, y, loss=loss) as gs:
+        order = list(reversed(gs.parameters))
+        for groups in (None, [order]):
+            fast_sums, fast_norms = clip_and_sum(gs, clipper, groups, scale=0.25)
+            monkeypatch.setattr(bk, "_gram", None)
+            slow_sums, slow_norms = clip_and_sum(gs, clipper, groups, scale=0.25)
+            monkeypatch.setattr(bk, "_gram", type("G", (), {"flat_scales": staticmethod(lambda *a: calls.append(1) or real(*a))}))
+            ulp = dict(rtol=4 * torch.finfo(dtype).eps, atol=0.0)
+            torch.testing.assert_close(fast_norms, slow_norms, **ulp)
+            tol = TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fast_norms[:, 0].double(), oracle_norms, **tol)
+            for p in gs.parameters:
+                torch.testing.assert_close(fast_sums[p], slow_sums[p], rtol=8 * torch.finfo(dtype).eps, atol=1e-7)
+    assert len(calls) == 2  # both runs took the call
+    with run(randomise(make()).to(dtype), *[(t.to(dtype) if t.is_floating_point() else t) for t in data(0)], loss=loss) as gs:
+        sums, norms = clip_and_sum(gs, clipper)
+        assert norms.shape == (0, 1) and all(torch.equal(sums[p], torch.zeros_like(p)) for p in gs.parameters)
+
+
+def test_flat_scales_refuses_bad_arguments():
+    import dpclip.grad_sample.bookkeeping as bk
+
+    if bk._gram is None:
+        pytest.skip("dpclip was installed without its C kernels")
+    out = torch.empty(4)
+    with pytest.raises(ValueError, match="flat_scales"):
+        bk._gram.flat_scales([], 4, False, 1.0, 1.0, 1.0, out.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="flat_scales"):
+        bk._gram.flat_scales([out.data_ptr()], 4, False, 1.0, 0.0, 1.0, out.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="flat_scales"):
+        bk._gram.flat_scales([0], 4, False, 1.0, 1.0, 1.0, out.data_ptr(), out.data_ptr())
+
+
 @pytest.mark.parametrize("case", ["mlp", "cnn", "tied"])
 @pytest.mark.parametrize("loss", ["mean", "sum"])
 def test_bookkeep_is_the_norms_then_the_clipped_sums(case, loss):

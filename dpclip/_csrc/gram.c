@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "threads.h"
@@ -249,6 +250,74 @@ static PyObject *py_gram_dot(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ flat clip scales */
+/* Flat clipping's per-sample norms and scales in one pass, for clip_and_sum (docs/design.md
+ * E26): for each sample i, with the parameters' squared norms sq_k[i] (k = 0 .. K-1),
+ *
+ *   n_i = sqrt(max(sq_0[i] + sq_1[i] + ... + sq_{K-1}[i], 0)) * factor,
+ *   s_i = C / max(n_i, C) * total,
+ *
+ * in the tensors' own precision, summed in the order given, with the comparisons written so
+ * that a NaN stays NaN: the same numbers, bit for bit, as the torch operations it replaces
+ * (stack + sum, clamp_min_, sqrt_, mul_, C / clamp_min(C), mul). Ten small operators cost
+ * about 0.2 ms in W1's step right after its GEMMs (cold caches); this is one call. */
+#define FLAT_SCALES_BODY(T, SQRT)                                                         \
+    for (int64_t i = 0; i < n; i++) {                                                     \
+        T acc = ((const T *)(uintptr_t)sq[0])[i];                                         \
+        for (Py_ssize_t k = 1; k < nsq; k++) acc = acc + ((const T *)(uintptr_t)sq[k])[i]; \
+        if (acc < (T)0) acc = (T)0;                                                       \
+        T norm = SQRT(acc);                                                               \
+        if (use_factor) norm = norm * (T)factor;                                          \
+        ((T *)(uintptr_t)norms_out)[i] = norm;                                            \
+        T bound = (T)max_norm;                                                            \
+        T scale = bound / (norm < bound ? bound : norm);                                  \
+        if (use_total) scale = scale * (T)total;                                          \
+        ((T *)(uintptr_t)scales_out)[i] = scale;                                          \
+    }
+
+static PyObject *py_flat_scales(PyObject *self, PyObject *args) {
+    PyObject *addresses, *seq;
+    long long n;
+    int is_f64;
+    double factor, max_norm, total;
+    unsigned long long norms_out, scales_out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OLpdddKK", &addresses, &n, &is_f64, &factor, &max_norm, &total, &norms_out, &scales_out))
+        return NULL;
+    seq = PySequence_Fast(addresses, "flat_scales: addresses must be a sequence of ints");
+    if (seq == NULL) return NULL;
+    Py_ssize_t nsq = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *sq = PyMem_Malloc(sizeof(uint64_t) * (size_t)(nsq + 1));
+    if (sq == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    int bad = nsq < 1 || n < 0 || norms_out == 0 || scales_out == 0 || !(max_norm > 0);
+    for (Py_ssize_t k = 0; k < nsq && !bad; k++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            bad = 1;
+        }
+        sq[k] = (uint64_t)v;
+        bad = bad || v == 0;
+    }
+    Py_DECREF(seq);
+    if (bad) {
+        PyMem_Free(sq);
+        PyErr_SetString(PyExc_ValueError, "flat_scales: need at least one non-null address, n >= 0, non-null outputs and max_norm > 0");
+        return NULL;
+    }
+    const int use_factor = factor != 1.0, use_total = total != 1.0;
+    if (is_f64) {
+        FLAT_SCALES_BODY(double, sqrt)
+    } else {
+        FLAT_SCALES_BODY(float, sqrtf)
+    }
+    PyMem_Free(sq);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_available(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -258,6 +327,8 @@ static PyObject *py_available(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"gram_dot", py_gram_dot, METH_VARARGS,
      "gram_dot(a, g, out, bias, b0, b1, (T, d, p, sa, la, sg, lg)[, threads]): per-sample <a a^T, g g^T> and ||sum_t g_t||^2 (see gram.c)"},
+    {"flat_scales", py_flat_scales, METH_VARARGS,
+     "flat_scales(sq_addresses, n, is_f64, factor, max_norm, total, norms_out, scales_out): flat clipping's norms and scales from the parameters' squared norms (see gram.c)"},
     {"available", py_available, METH_NOARGS, "available() -> whether this machine runs the kernel (AVX2 and FMA)"},
     {NULL, NULL, 0, NULL},
 };

@@ -13,13 +13,20 @@ holds every unit's activations and output gradients. :func:`clip_and_sum` then
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .._pool import serial
+from ..clipping import FlatClipping
 from .hooks import GradSampler
+
+try:  # the flat-clipping scales in one call (dpclip/_csrc/gram.c); absent without a C compiler
+    from .. import _gram
+except ImportError:  # pragma: no cover - depends on the build
+    _gram = None
 
 __all__ = ["Clipper", "clip_and_sum"]
 
@@ -73,7 +80,13 @@ def clip_and_sum(
             f"(shapes {missing}); every trainable parameter must be clipped"
         )
 
+    flat = _flat_kernel_bound(clipper, groups)
+
     def scales_for(sq: dict, batch: int, factor: float):
+        if flat is not None:
+            fast = _flat_scales(sq, groups[0], params, batch, factor, flat, scale * factor)
+            if fast is not None:
+                return fast
         ref = next(iter(sq.values()), None)
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         device = ref.device if ref is not None else torch.device("cpu")
@@ -111,3 +124,36 @@ def clip_and_sum(
         return {p: by_group[group_of[id(p)]] for p in params}, norms
 
     return sampler.bookkeep(scales_for)
+
+
+def _flat_kernel_bound(clipper: Clipper, groups: list) -> float | None:
+    """The bound ``C`` when :func:`_flat_scales` may replace the generic scales: one group,
+    :class:`~dpclip.clipping.FlatClipping` itself with a finite bound, and the kernel built."""
+    if _gram is None or len(groups) != 1 or type(clipper) is not FlatClipping:
+        return None
+    bound = float(clipper.max_grad_norm)
+    return bound if math.isfinite(bound) else None
+
+
+def _flat_scales(sq: dict, group: list, params: list, batch: int, factor: float, bound: float, total: float):
+    """Flat clipping's norms ``[B, 1]`` and per-parameter scales in one C call
+    (``_gram.flat_scales``, docs/design.md E26), bit for bit what the generic path computes
+    (the squared norms summed in the group's order, ``sqrt(max(., 0)) * factor``, then
+    ``C / max(n, C) * total``); None where it does not apply (no squared norms, mixed dtypes
+    or devices, non-CPU, strided or half precision), and the generic path runs."""
+    parts = [sq[p] for p in group if p in sq]
+    if not parts:
+        return None
+    dtype = parts[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    for t in parts:
+        if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 1 or t.shape[0] != batch or not t.is_contiguous():
+            return None
+    norms = torch.empty(batch, 1, dtype=dtype)
+    scales = torch.empty(batch, 1, dtype=dtype)
+    if batch:
+        _gram.flat_scales([t.data_ptr() for t in parts], batch, dtype == torch.float64, float(factor), bound,
+                          float(total), norms.data_ptr(), scales.data_ptr())
+    column = scales[:, 0]
+    return {p: column for p in params}, norms
