@@ -539,6 +539,8 @@ def test_norm_rules_in_bfloat16_match_float64(make, shape):
 
 FLOAT32_CASES = [
     ("linear_seq", lambda: nn.Linear(16, 12), lambda: torch.randn(6, 5, 16)),
+    ("linear_rows", lambda: nn.Linear(16, 12), lambda: torch.randn(6, 16)),
+    ("linear_rows_no_bias", lambda: nn.Linear(16, 12, bias=False), lambda: torch.randn(6, 16)),
     ("conv2d_groups_dilation", lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2), lambda: torch.randn(5, 4, 9, 9)),
     ("conv1d_same_reflect", lambda: nn.Conv1d(3, 5, 4, padding="same", padding_mode="reflect"), lambda: torch.randn(5, 3, 12)),
     ("embedding", lambda: nn.Embedding(20, 8, padding_idx=0), lambda: torch.randint(0, 20, (6, 7))),
