@@ -252,6 +252,25 @@ static void run(const uint64_t *address, const int64_t *count, Py_ssize_t nseg, 
     }
 }
 
+/* The pieces of the segments (count[s] numbers of `size` bytes at address[s], one segment
+ * after another) that hold numbers lo .. hi-1 of the whole, in order, into out_address and
+ * out_count (room for nseg + 1). Returns how many pieces. */
+static Py_ssize_t slice_segments(const uint64_t *address, const int64_t *count, Py_ssize_t nseg, uint64_t lo, uint64_t hi,
+                                 size_t size, uint64_t *out_address, int64_t *out_count) {
+    Py_ssize_t n = 0;
+    uint64_t pos = 0; /* index of segment s's first number */
+    for (Py_ssize_t s = 0; s < nseg && pos < hi; s++) {
+        uint64_t c = (uint64_t)count[s], a = pos > lo ? pos : lo, b = pos + c < hi ? pos + c : hi;
+        if (a < b) {
+            out_address[n] = address[s] + (a - pos) * size;
+            out_count[n] = (int64_t)(b - a);
+            n++;
+        }
+        pos += c;
+    }
+    return n;
+}
+
 /* ------------------------------------------------------------------ threads */
 /* A fill over threads (threads.h): share t takes batches lo .. hi-1 of the fill, i.e. its
  * numbers lo*per .. hi*per-1 (the last share ends at the fill's end), and runs them as its own
@@ -275,17 +294,7 @@ static void fill_share(void *ctx, int64_t lo_batch, int64_t hi_batch, void *scra
     if (hi > f->total) hi = f->total;
     uint64_t *address = (uint64_t *)scratch;
     int64_t *count = (int64_t *)(address + f->nseg + 1);
-    Py_ssize_t n = 0;
-    uint64_t pos = 0; /* index of segment s's first number */
-    for (Py_ssize_t s = 0; s < f->nseg && pos < hi; s++) {
-        uint64_t c = (uint64_t)f->count[s], a = pos > lo ? pos : lo, b = pos + c < hi ? pos + c : hi;
-        if (a < b) {
-            address[n] = f->address[s] + (a - pos) * size;
-            count[n] = (int64_t)(b - a);
-            n++;
-        }
-        pos += c;
-    }
+    Py_ssize_t n = slice_segments(f->address, f->count, f->nseg, lo, hi, size, address, count);
     run(address, count, n, f->start + lo, f->k0, f->k1, f->std, f->is_f64, f->add);
 }
 
@@ -548,17 +557,7 @@ static void ahead_add_share(void *ctx, int64_t lo_chunk, int64_t hi_chunk, void 
     int64_t *count = (int64_t *)(address + w->nseg + 1);
     for (int64_t c = lo_chunk; c < hi_chunk; c++) {
         uint64_t lo = (uint64_t)c * per_chunk, hi = lo + per_chunk < a->total ? lo + per_chunk : a->total;
-        Py_ssize_t n = 0;
-        uint64_t pos = 0;
-        for (Py_ssize_t s = 0; s < w->nseg && pos < hi; s++) {
-            uint64_t cs = (uint64_t)w->count[s], x = pos > lo ? pos : lo, y = pos + cs < hi ? pos + cs : hi;
-            if (x < y) {
-                address[n] = w->address[s] + (x - pos) * size;
-                count[n] = (int64_t)(y - x);
-                n++;
-            }
-            pos += cs;
-        }
+        Py_ssize_t n = slice_segments(w->address, w->count, w->nseg, lo, hi, size, address, count);
         uint8_t expected = CH_FREE;
         int filled = 0;
         if (!__atomic_compare_exchange_n(&a->state[c], &expected, CH_TAKEN, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
