@@ -358,3 +358,33 @@ def test_ahead_bad_arguments_are_refused():
         gauss.ahead_start(handle, 1 << 62, 1, 1.0, False)
     with pytest.raises(ValueError):  # not a handle
         gauss.ahead_start(object(), 4, 1, 1.0, False)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_ahead_in_a_forked_child_draws_nothing_ahead_and_stays_exact():
+    """A fork's child (a DataLoader worker, say) inherits the handle but not its thread: there
+    ahead_start starts nothing, ahead_add still adds exactly fill's numbers, and dropping the
+    handle neither waits nor locks (its lock may have been held at the fork)."""
+    import os
+
+    n, key = 40000, 17
+    handle = gauss.ahead_new()
+    assert gauss.ahead_start(handle, n, key, 1.0, False)
+    expected = fill(n, 0, key + 1, 1.0)
+    want = expected.numpy().tobytes()
+    pid = os.fork()
+    if pid == 0:  # the child: numpy only (torch's OpenMP pool does not survive a fork), exit status
+        ok = False
+        try:
+            started = gauss.ahead_start(handle, n, key + 1, 1.0, False)
+            out = np.zeros(n, dtype=np.float32)
+            gauss.ahead_add(handle, [out.ctypes.data], [n], key + 1, 1.0, False, 2)
+            ok = not started and out.tobytes() == want
+            del handle
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    out = torch.zeros(n)  # the parent's handle is untouched
+    gauss.ahead_add(handle, [out.data_ptr()], [n], key, 1.0, False, 2)
+    assert torch.equal(out, fill(n, 0, key, 1.0))

@@ -44,6 +44,7 @@
 #include <string.h>
 
 #include <sched.h>
+#include <unistd.h>
 
 #include "threads.h"
 
@@ -403,6 +404,8 @@ typedef struct {
     int started;   /* the thread was started (owner only) */
     ahead_t *job;  /* a draw handed to the thread and not yet taken (under mu; one reference) */
     ahead_t *cur;  /* the latest draw started, or NULL (owner only; one reference) */
+    pid_t pid;     /* the process that made it: a fork's child has no thread, and its copy of
+                      mu may have been taken at the fork, so there it is never locked */
 } ahead_handle_t;
 
 static void handle_release(ahead_handle_t *h) {
@@ -453,6 +456,7 @@ static void ahead_drop(ahead_handle_t *h) {
 static void ahead_capsule_end(PyObject *capsule) {
     ahead_handle_t *h = (ahead_handle_t *)PyCapsule_GetPointer(capsule, "dpclip._gauss.ahead");
     if (h == NULL) return;
+    if (h->pid != getpid()) return; /* a fork's copy: left as it is (the parent owns it) */
     ahead_drop(h);
     pthread_mutex_lock(&h->mu);
     h->quit = 1;
@@ -474,8 +478,8 @@ static int ahead_start(ahead_handle_t *h, uint64_t count, uint64_t key, double s
     const int64_t nchunks = (int64_t)((count + per * AHEAD_CHUNK - 1) / (per * AHEAD_CHUNK));
     const size_t bytes = (size_t)((count + per - 1) / per * per) * size; /* whole batches */
     ahead_t *a = h->cur;
-    if (count == 0) {
-        ahead_drop(h);
+    if (count == 0 || h->pid != getpid()) { /* in a fork's child nothing is drawn ahead */
+        if (h->pid == getpid()) ahead_drop(h);
         return 0;
     }
     if (a != NULL && (__atomic_load_n(&a->refs, __ATOMIC_ACQUIRE) != 1 || a->capacity < bytes || a->state_capacity < nchunks)) {
@@ -670,6 +674,7 @@ static PyObject *py_ahead_new(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
     h->refs = 1;
+    h->pid = getpid();
     PyObject *capsule = PyCapsule_New(h, "dpclip._gauss.ahead", ahead_capsule_end);
     if (capsule == NULL) free(h);
     return capsule;
