@@ -306,7 +306,7 @@ class NoiseAhead:
     delays the training step (an equal-priority helper did, docs/design.md P9).
     :func:`add_keyed_` with this object then adds the chunks the thread finished from its
     buffer and computes the others itself, without waiting: the values never depend on how far
-    the thread got (docs/design.md P13).
+    the thread got (docs/design.md P14).
 
     One buffer of the draw's size is kept between draws (2.7 MB for a 670k-parameter model in
     float32), reused once its thread has ended. Only where :meth:`available`: the noise kernel

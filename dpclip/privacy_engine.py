@@ -112,7 +112,7 @@ class _Attachment:
     fixed_noise_std: float | None = None  # a controller in the noise-std regime: sigma_t = std / S_t
     rank: int = 0                         # torch.distributed: this process, of world_size (DPDDP)
     world_size: int = 1
-    # the noise drawn ahead (P13): the key of the next release's gradient noise, drawn at the end
+    # the noise drawn ahead (P14): the key of the next release's gradient noise, drawn at the end
     # of the previous one, and the background draw of its numbers (None where unavailable)
     noise_key: int | None = None
     ahead: noise_module.NoiseAhead | None = None
@@ -138,7 +138,7 @@ class _Attachment:
 
 NOISE_AHEAD = True
 """Draw each release's gradient noise during the step before it, on a background thread at
-idle priority (:class:`dpclip.noise.NoiseAhead`, docs/design.md P13), where the platform allows."""
+idle priority (:class:`dpclip.noise.NoiseAhead`, docs/design.md P14), where the platform allows."""
 
 
 def _add_gaussian_(att: _Attachment, noise: GaussianNoise, values: dict, sensitivity: float) -> dict:
@@ -720,7 +720,7 @@ class PrivacyEngine:
                 att.generator.set_state(state["generator"])
             if state.get("sample_generator") is not None:
                 att.sample_generator.set_state(state["sample_generator"])
-            # the next release's noise key, drawn before the save (P13); None in older checkpoints
+            # the next release's noise key, drawn before the save (P14); None in older checkpoints
             att.noise_key = None if state.get("noise_key") is None else int(state["noise_key"])
             if att.ahead is not None:
                 att.ahead.cancel()

@@ -620,7 +620,7 @@ def test_add_normal_in_place_equals_the_flat_draw(sizes, source):
         assert torch.equal(wide[:, 0], want[0]) and not wide[:, 1].any()
 
 
-# ----------------------------------------------------------------------------- drawn ahead (P13)
+# ----------------------------------------------------------------------------- drawn ahead (P14)
 @pytest.mark.skipif(not noise_module.NoiseAhead.available(), reason="no noise kernel or no SCHED_IDLE here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_add_keyed_with_a_draw_ahead_equals_the_draw_in_place(dtype):

@@ -242,7 +242,7 @@ def test_bad_arguments_are_refused():
     assert gauss.isa() in ("avx512", "avx2", "generic")
 
 
-# ----------------------------------------------------------------------------- drawn ahead (P13)
+# ----------------------------------------------------------------------------- drawn ahead (P14)
 def _wait_filled(handle, n: int, timeout: float = 20.0) -> bool:
     """Wait until the background thread has finished all ``n`` numbers (it runs at idle
     priority: on a busy machine it may not get there, and the caller then skips that check)."""

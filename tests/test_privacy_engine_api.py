@@ -375,7 +375,7 @@ def _ahead_run(steps: int, *, start=None, state=None, sleep: float = 0.0, return
 
 @pytest.mark.skipif(not __import__("dpclip").noise.NoiseAhead.available(), reason="no noise drawn ahead here")
 def test_noise_drawn_ahead_changes_nothing_but_the_time(monkeypatch):
-    """The gradient noise drawn on the background thread (design P13) gives the run the thread
+    """The gradient noise drawn on the background thread (design P14) gives the run the thread
     never helps (its draws cancelled), the run without the feature (keys drawn in each release:
     the same generator draws in the same order, no controller here), and a run resumed from a
     checkpoint taken between steps (the next step's key travels in the state): all bit for bit.

@@ -315,7 +315,7 @@ static void run_threads(const uint64_t *address, const int64_t *count, Py_ssize_
 
 /* ------------------------------------------------------------------ drawn ahead */
 /* The next draw, filled into a buffer by a detached thread at idle priority while the caller
- * does other work (docs/design.md P13). SCHED_IDLE: the thread runs only on a core that no
+ * does other work (docs/design.md P14). SCHED_IDLE: the thread runs only on a core that no
  * other thread of the machine wants, so it never stretches a parallel region of the caller's
  * (an equal-priority helper did: P9). ahead_add then adds the buffer into the destinations,
  * chunk by chunk, and computes itself every chunk the thread has not finished or is still on:

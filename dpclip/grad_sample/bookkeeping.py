@@ -137,9 +137,10 @@ def _flat_kernel_bound(clipper: Clipper, groups: list) -> float | None:
 
 def _flat_scales(sq: dict, group: list, params: list, batch: int, factor: float, bound: float, total: float):
     """Flat clipping's norms ``[B, 1]`` and per-parameter scales in one C call
-    (``_gram.flat_scales``, docs/design.md E26), bit for bit what the generic path computes
-    (the squared norms summed in the group's order, ``sqrt(max(., 0)) * factor``, then
-    ``C / max(n, C) * total``); None where it does not apply (no squared norms, mixed dtypes
+    (``_gram.flat_scales``, docs/design.md E26): what the generic path computes (the squared
+    norms summed in the group's order, ``sqrt(max(., 0)) * factor``, then ``C / max(n, C) *
+    total``), to one unit in the last place (torch's vectorised sqrt is not correctly rounded,
+    the C library's is); None where it does not apply (no squared norms, mixed dtypes
     or devices, non-CPU, strided or half precision), and the generic path runs."""
     parts = [sq[p] for p in group if p in sq]
     if not parts:
