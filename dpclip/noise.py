@@ -227,9 +227,10 @@ def noise_kernel() -> str | None:
     return None if _gauss is None else _gauss.isa()
 
 
-def _kernel_takes(tensors: list[torch.Tensor], generator: torch.Generator) -> bool:
-    """The kernel draws for ``tensors``: CPU generator, all contiguous CPU float32 or all
-    float64."""
+def kernel_takes(tensors: list[torch.Tensor], generator: torch.Generator) -> bool:
+    """Whether the noise kernel draws for ``tensors`` with ``generator`` (:func:`add_keyed_`
+    then applies): the kernel is built, the generator is a CPU one, and the tensors are all
+    contiguous CPU float32, or all float64."""
     if _gauss is None or generator.device.type != "cpu" or not tensors:
         return False
     dtype = tensors[0].dtype
@@ -251,28 +252,13 @@ def _kernel_draw(dests: list[torch.Tensor], std: float, generator: torch.Generat
     """
     if sum(t.numel() for t in dests) == 0:
         return
-    key = draw_key(generator)
-    if add:
-        add_keyed_(dests, std, key)
-        return
-    live = [t for t in dests if t.numel()]
-    n = sum(t.numel() for t in live)
-    threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
-    _gauss.fill([t.data_ptr() for t in live], [t.numel() for t in live], 0, key, std,
-                dests[0].dtype == torch.float64, False, threads)
+    _keyed(dests, std, draw_key(generator), add, None)
 
 
 def draw_key(generator: torch.Generator) -> int:
     """A 64-bit key for the noise kernel's stream: one ``randint`` from ``generator``."""
     key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
     return key & ((1 << 64) - 1)
-
-
-def kernel_takes(dests: list[torch.Tensor], generator: torch.Generator) -> bool:
-    """Whether the noise kernel draws for ``dests`` with ``generator`` (:func:`add_keyed_` then
-    applies): the kernel is built, the generator is a CPU one, and the tensors are contiguous CPU
-    float32, or all float64."""
-    return _kernel_takes(dests, generator)
 
 
 def add_keyed_(dests: list[torch.Tensor], std: float, key: int, ahead: "NoiseAhead | None" = None) -> int:
@@ -282,6 +268,13 @@ def add_keyed_(dests: list[torch.Tensor], std: float, key: int, ahead: "NoiseAhe
     for this ``(key, std, n, dtype)`` are added from its buffer and the rest computed here; the
     values are the same either way (bit for bit). Returns how many numbers came from ``ahead``.
     """
+    return _keyed(dests, std, key, True, ahead)
+
+
+def _keyed(dests: list[torch.Tensor], std: float, key: int, add: bool, ahead: "NoiseAhead | None") -> int:
+    """Write or add numbers ``0 .. n-1`` of the stream for ``key`` into ``dests`` (the kernel's
+    own threads above :data:`KERNEL_SPLIT` numbers); ``ahead`` (add only): take what its thread
+    drew. Returns how many numbers came from ``ahead``."""
     live = [t for t in dests if t.numel()]
     n = sum(t.numel() for t in live)
     if n == 0:
@@ -289,9 +282,9 @@ def add_keyed_(dests: list[torch.Tensor], std: float, key: int, ahead: "NoiseAhe
     threads = torch.get_num_threads() if n > KERNEL_SPLIT else 1
     addresses, counts = [t.data_ptr() for t in live], [t.numel() for t in live]
     is_f64 = live[0].dtype == torch.float64
-    if ahead is not None:
+    if ahead is not None and add:
         return int(_gauss.ahead_add(ahead._handle, addresses, counts, key, std, is_f64, threads))
-    _gauss.fill(addresses, counts, 0, key, std, is_f64, True, threads)
+    _gauss.fill(addresses, counts, 0, key, std, is_f64, add, threads)
     return 0
 
 
@@ -358,7 +351,7 @@ def fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> t
 
     Shapes: ``flat [n]``, contiguous. Returns ``flat``.
     """
-    if _kernel_takes([flat], generator):
+    if kernel_takes([flat], generator):
         _kernel_draw([flat], std, generator, add=False)
         return flat
     n = flat.numel()
@@ -395,7 +388,7 @@ def add_normal_(dests: list[torch.Tensor], std: float, generator: torch.Generato
     """
     if not dests:
         return
-    if _kernel_takes(dests, generator):
+    if kernel_takes(dests, generator):
         _kernel_draw(dests, std, generator, add=True)
         return
     n = sum(t.numel() for t in dests)

@@ -377,16 +377,23 @@ static void ahead_fill_range(ahead_t *a, uint64_t lo, uint64_t hi) {
 
 static uint64_t ahead_chunk_numbers(const ahead_t *a) { return (uint64_t)AHEAD_CHUNK * (a->is_f64 ? WORDS / 2 : WORDS); }
 
+/* numbers [*lo, *hi) of the draw are chunk c's */
+static void ahead_chunk(const ahead_t *a, int64_t c, uint64_t *lo, uint64_t *hi) {
+    const uint64_t per_chunk = ahead_chunk_numbers(a);
+    *lo = (uint64_t)c * per_chunk;
+    *hi = *lo + per_chunk < a->total ? *lo + per_chunk : a->total;
+}
+
 /* Fill a draw's chunks in order until it is cancelled; each chunk is claimed first, so one
  * the caller took is skipped. */
 static void ahead_fill(ahead_t *a) {
-    const uint64_t per_chunk = ahead_chunk_numbers(a);
     for (int64_t c = 0; c < a->nchunks; c++) {
         if (__atomic_load_n(&a->cancel, __ATOMIC_RELAXED)) break;
         uint8_t expected = CH_FREE;
         if (!__atomic_compare_exchange_n(&a->state[c], &expected, CH_FILLING, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             continue; /* the caller took it */
-        uint64_t lo = (uint64_t)c * per_chunk, hi = lo + per_chunk < a->total ? lo + per_chunk : a->total;
+        uint64_t lo, hi;
+        ahead_chunk(a, c, &lo, &hi);
         ahead_fill_range(a, lo, hi);
         __atomic_store_n(&a->state[c], CH_FILLED, __ATOMIC_RELEASE);
     }
@@ -555,12 +562,12 @@ typedef struct {
 static void ahead_add_share(void *ctx, int64_t lo_chunk, int64_t hi_chunk, void *scratch) {
     ahead_add_t *w = (ahead_add_t *)ctx;
     ahead_t *a = w->a;
-    const uint64_t per_chunk = ahead_chunk_numbers(a);
     const size_t size = a->is_f64 ? sizeof(double) : sizeof(float);
     uint64_t *address = (uint64_t *)scratch;
     int64_t *count = (int64_t *)(address + w->nseg + 1);
     for (int64_t c = lo_chunk; c < hi_chunk; c++) {
-        uint64_t lo = (uint64_t)c * per_chunk, hi = lo + per_chunk < a->total ? lo + per_chunk : a->total;
+        uint64_t lo, hi;
+        ahead_chunk(a, c, &lo, &hi);
         Py_ssize_t n = slice_segments(w->address, w->count, w->nseg, lo, hi, size, address, count);
         uint8_t expected = CH_FREE;
         int filled = 0;
@@ -752,11 +759,11 @@ static PyObject *py_ahead_filled(PyObject *self, PyObject *args) {
     if (h == NULL) return NULL;
     long long filled = 0;
     if (h->cur != NULL) {
-        const uint64_t per_chunk = ahead_chunk_numbers(h->cur);
         for (int64_t c = 0; c < h->cur->nchunks; c++) {
             if (__atomic_load_n(&h->cur->state[c], __ATOMIC_ACQUIRE) == CH_FILLED) {
-                uint64_t lo = (uint64_t)c * per_chunk;
-                filled += (long long)((lo + per_chunk < h->cur->total ? lo + per_chunk : h->cur->total) - lo);
+                uint64_t lo, hi;
+                ahead_chunk(h->cur, c, &lo, &hi);
+                filled += (long long)(hi - lo);
             }
         }
     }
